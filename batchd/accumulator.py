@@ -1,0 +1,284 @@
+"""Intake -> flush: read the intake stream as one consumer of the group and flush by count, bytes or age.
+
+Entries read but not yet flushed stay in this consumer's pending list, so a crash loses nothing: a
+restarted replica re-reads its own pending entries, and live replicas claim the pending entries of a
+replica whose heartbeat stopped (never those of a live one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from .batchbody import EMPTY_BODY_SIZE, item_size
+from .keys import CONSUMER_GROUP, Keys, split_custom_id
+from .scripts import Scripts
+
+__all__ = ["Accumulator", "Entry", "Trigger"]
+
+log = logging.getLogger(__name__)
+
+Trigger = str  # "count" | "bytes" | "age"
+
+# Lua's unpack() fails near 8000 arguments; commit_flush unpacks the entry ids of one chunk.
+FLUSH_CHUNK = 5000
+_READ_COUNT = 1000
+# Longest XREADGROUP block: bounds how late a stop request or a claim check is noticed.
+_MAX_BLOCK_S = 1.0
+
+
+@dataclass(slots=True)
+class Entry:
+    entry_id: str
+    rid: str
+    size: int  # bytes this request adds to the create body (without the separating comma)
+    first_attempt: bool
+
+    @property
+    def ms(self) -> int:
+        """When the entry was queued: a stream id starts with its creation time in milliseconds."""
+        return int(self.entry_id.split("-", 1)[0])
+
+
+@dataclass
+class _Buffer:
+    entries: deque[Entry] = field(default_factory=deque)
+    body_bytes: int = EMPTY_BODY_SIZE
+
+    def size_with(self, entry: Entry) -> int:
+        return self.body_bytes + entry.size + (1 if self.entries else 0)
+
+    def add(self, entry: Entry) -> None:
+        self.body_bytes = self.size_with(entry)
+        self.entries.append(entry)
+
+    def take(self, count: int) -> list[Entry]:
+        taken = [self.entries.popleft() for _ in range(min(count, len(self.entries)))]
+        self.body_bytes = EMPTY_BODY_SIZE + sum(e.size for e in self.entries) + max(len(self.entries) - 1, 0)
+        return taken
+
+
+class Accumulator:
+    def __init__(
+        self,
+        redis: Any,
+        keys: Keys,
+        scripts: Scripts,
+        *,
+        consumer: str,
+        max_requests: int,
+        max_bytes: int,
+        max_age_s: float,
+        on_flush: Callable[[str, Trigger, int, int], Awaitable[None]],
+        on_read: Callable[[int], None] = lambda first_attempts: None,
+        beat: Callable[[], None] = lambda: None,
+        dead_after_s: float = 10.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+        self.consumer = consumer
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.max_age_ms = int(max_age_s * 1000)
+        self.on_flush = on_flush
+        self.on_read = on_read
+        self.beat = beat
+        self.dead_after_ms = int(dead_after_s * 1000)
+        self._buffer = _Buffer()
+        self._held: set[str] = set()  # entry ids in the buffer: a re-read or claimed entry is not added twice
+        self._last_claim = 0.0
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ensure_group()
+        await self._read_own_pending()
+        while not stop.is_set():
+            await self.step()
+
+    async def step(self) -> None:
+        """One round: flush what is due, read for at most the time left to the next deadline, flush again."""
+        self.beat()
+        await self._flush_due()
+        if time.monotonic() - self._last_claim >= 2.0:
+            self._last_claim = time.monotonic()
+            await self.claim_from_dead()
+        block_ms = int(_MAX_BLOCK_S * 1000)
+        if self._buffer.entries:
+            deadline = self._buffer.entries[0].ms + self.max_age_ms
+            block_ms = max(1, min(block_ms, deadline - _now_ms()))
+        room = max(1, min(_READ_COUNT, self.max_requests - len(self._buffer.entries)))
+        reply = await self.redis.xreadgroup(
+            CONSUMER_GROUP, self.consumer, {self.keys.intake: ">"}, count=room, block=block_ms
+        )
+        first = self._add(_entries(reply))
+        if first:
+            self.on_read(first)
+        await self._flush_due()
+
+    async def ensure_group(self) -> None:
+        try:
+            # id 0: entries queued before the very first daemon started are read too.
+            await self.redis.xgroup_create(self.keys.intake, CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _read_own_pending(self) -> None:
+        """After a restart under the same consumer name, pick up what was read but never flushed."""
+        start = "0"
+        while True:
+            reply = await self.redis.xreadgroup(
+                CONSUMER_GROUP, self.consumer, {self.keys.intake: start}, count=_READ_COUNT
+            )
+            entries = _entries(reply)
+            if not entries:
+                return
+            self._add(entries)
+            start = entries[-1][0]
+            await self._flush_due()
+
+    async def claim_from_dead(self) -> int:
+        """Claim the pending entries of consumers whose heartbeat stopped. Live consumers are never robbed."""
+        heartbeats = {
+            _text(name): int(score) for name, score in await self.redis.zrange(self.keys.replicas, 0, -1, withscores=True)
+        }
+        now = _now_ms()
+        claimed = 0
+        try:
+            consumers = await self.redis.xinfo_consumers(self.keys.intake, CONSUMER_GROUP)
+        except ResponseError:
+            return 0
+        for info in consumers:
+            name = _text(info["name"])
+            if name == self.consumer:
+                continue
+            last = heartbeats.get(name)
+            if last is not None and now - last < self.dead_after_ms:
+                continue
+            if int(info.get("pending", 0)) == 0:
+                if last is None or now - last > 10 * self.dead_after_ms:
+                    await self.redis.xgroup_delconsumer(self.keys.intake, CONSUMER_GROUP, name)
+                    await self.redis.zrem(self.keys.replicas, name)
+                continue
+            pending = await self.redis.xpending_range(
+                self.keys.intake, CONSUMER_GROUP, min="-", max="+", count=_READ_COUNT, consumername=name
+            )
+            ids = [_text(p["message_id"]) for p in pending]
+            if not ids:
+                continue
+            # min_idle_time: if another replica claimed these a moment ago, this claim takes nothing.
+            reply = await self.redis.xclaim(
+                self.keys.intake, CONSUMER_GROUP, self.consumer, min_idle_time=self.dead_after_ms // 2,
+                message_ids=ids,
+            )
+            got = _entries([[self.keys.intake, reply]])
+            self._add(got)
+            claimed += len(got)
+        if claimed:
+            log.warning("claimed %d queued requests from stopped replicas", claimed)
+        return claimed
+
+    # --- triggers ------------------------------------------------------------------------------------------
+    def _add(self, raw: Sequence[tuple[str, dict[str, str]]]) -> int:
+        first_attempts = 0
+        for entry_id, fields in raw:
+            if entry_id in self._held or "rid" not in fields:
+                continue
+            cid = fields.get("cid", "")
+            try:
+                first = split_custom_id(cid)[1] == 1
+            except ValueError:
+                first = False
+            self._held.add(entry_id)
+            first_attempts += first
+            self._buffer.add(Entry(entry_id, fields["rid"], item_size(len(cid), int(fields.get("n", 0))), first))
+        return first_attempts
+
+    def due(self) -> tuple[int, Trigger] | None:
+        """How many buffered entries to flush now, and why; None if no threshold is reached."""
+        entries = self._buffer.entries
+        if not entries:
+            return None
+        if len(entries) >= self.max_requests or self._buffer.body_bytes > self.max_bytes:
+            # Walk from the oldest: the first prefix that reaches the count or would pass the byte limit.
+            size = EMPTY_BODY_SIZE
+            for i, entry in enumerate(entries):
+                added = entry.size + (1 if i else 0)
+                if size + added > self.max_bytes:
+                    return (max(i, 1), "bytes")
+                size += added
+                if i + 1 >= self.max_requests:
+                    return (i + 1, "count")
+        if _now_ms() >= entries[0].ms + self.max_age_ms:
+            return (len(entries), "age")
+        return None
+
+    async def _flush_due(self) -> None:
+        while (decision := self.due()) is not None:
+            count, trigger = decision
+            await self.flush(self._buffer.take(count), trigger)
+
+    async def flush(self, entries: list[Entry], trigger: Trigger) -> str | None:
+        """Move entries into a new flush record, chunk by chunk, then seal it. Returns the flush id."""
+        fid = f"{_now_ms()}-{uuid.uuid4().hex[:12]}"
+        moved = moved_bytes = 0
+        for start in range(0, len(entries), FLUSH_CHUNK):
+            chunk = entries[start : start + FLUSH_CHUNK]
+            keys = [
+                self.keys.intake,
+                self.keys.queue_stats,
+                self.keys.flush(fid),
+                self.keys.flush_rids(fid),
+                self.keys.flushes,
+                *(self.keys.request(e.rid) for e in chunk),
+            ]
+            args: list[Any] = [CONSUMER_GROUP, fid, _now_ms()]
+            for e in chunk:
+                args += [e.entry_id, e.rid]
+            n, nbytes = await self.scripts.commit_flush(keys=keys, args=args, client=self.redis)
+            moved += int(n)
+            moved_bytes += int(nbytes)
+        for e in entries:
+            self._held.discard(e.entry_id)
+        sealed = await self.scripts.seal_flush(
+            keys=[self.keys.flush(fid), self.keys.flushes, self.keys.flush_rids(fid)],
+            args=[fid, trigger, _now_ms()],
+            client=self.redis,
+        )
+        if int(sealed) <= 0:
+            return None
+        log.info("flush %s sealed: %d requests, %d params bytes, trigger=%s", fid, moved, moved_bytes, trigger)
+        await self.on_flush(fid, trigger, moved, moved_bytes)
+        return fid
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer.entries)
+
+
+def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
+    """Flatten an XREADGROUP/XCLAIM reply into (entry id, fields). Deleted entries come back as None."""
+    out: list[tuple[str, dict[str, str]]] = []
+    for _stream, messages in reply or []:
+        for entry_id, fields in messages:
+            if fields is None:
+                continue
+            out.append((_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

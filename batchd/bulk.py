@@ -1,0 +1,87 @@
+"""``batchd submit FILE.jsonl``: bulk work in the Batches request shape, answered in the results shape.
+
+Each input line is ``{"custom_id": "...", "params": {...}}``; the custom_id becomes the request id, so
+running the same file again is idempotent: it queues nothing new and collects the same answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .client import AsyncClient
+from .errors import InvalidRequest, ResultTimeout
+
+__all__ = ["read_requests", "submit_file"]
+
+
+def read_requests(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(custom_id, params) per line. A bad line raises InvalidRequest naming its line number."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidRequest(f"{path}:{lineno}: not JSON ({exc})") from None
+            if not isinstance(obj, dict) or "custom_id" not in obj or "params" not in obj:
+                raise InvalidRequest(f"{path}:{lineno}: expected an object with custom_id and params")
+            yield str(obj["custom_id"]), obj["params"]
+
+
+async def submit_file(
+    client: AsyncClient,
+    path: Path,
+    *,
+    wait: bool,
+    out: IO[bytes] | None,
+    timeout: float | None = None,
+    progress: IO[str] = sys.stderr,
+) -> int:
+    """Queue every line; with ``wait``, write each result line (custom_id as given) as it arrives."""
+    requests = list(read_requests(path))
+    ids = [cid for cid, _ in requests]
+    try:
+        await client.submit_many([params for _, params in requests], ids)
+    except InvalidRequest as exc:
+        # Name the line: the client's message names the request but not where it came from.
+        raise InvalidRequest(f"{path}: {exc}") from None
+    total = len(ids)
+    if not wait:
+        print(f"queued {total} requests from {path}; run again with --wait to collect the results", file=progress)
+        return 0
+    done = 0
+    counts: dict[str, int] = {}
+    sink = out if out is not None else sys.stdout.buffer
+    _bar(progress, done, total, counts)
+
+    async def one(rid: str) -> None:
+        nonlocal done
+        result = await client.result(rid, timeout=timeout)
+        sink.write(orjson.dumps({"custom_id": rid, "result": result.model_dump(mode="json")}) + b"\n")
+        done += 1
+        counts[result.type] = counts.get(result.type, 0) + 1
+        _bar(progress, done, total, counts)
+
+    try:
+        await asyncio.gather(*(one(rid) for rid in ids))
+    except ResultTimeout as exc:
+        print(file=progress)
+        raise ResultTimeout(exc.request_id, exc.timeout) from None
+    sink.flush()
+    print(file=progress)
+    return 0 if counts.get("succeeded", 0) == total else 1
+
+
+def _bar(stream: IO[str], done: int, total: int, counts: dict[str, int]) -> None:
+    width = 30
+    filled = width * done // total if total else width
+    detail = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {detail}")
+    stream.flush()

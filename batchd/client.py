@@ -1,0 +1,380 @@
+"""The producer side: submit requests, wait for their answers, cancel them.
+
+``AsyncClient`` talks to Redis directly (one Lua call per submit, or per chunk of ``submit_many``); the
+daemon does the rest. ``Client`` is the same thing without ``await``: it runs an ``AsyncClient`` on a
+private event loop in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+from anthropic.types import Message
+from anthropic.types.messages import MessageBatchIndividualResponse, MessageBatchResult
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .errors import (
+    InvalidParams,
+    QueueFull,
+    RedisUnavailable,
+    RequestCanceled,
+    RequestErrored,
+    RequestExpired,
+    RequestNotFound,
+    ResultTimeout,
+)
+from .keys import Keys, custom_id_for
+from .scripts import Scripts
+from .settings import Settings, load_settings, redact_url
+from .validation import encode_params, new_request_id, validate_request_id
+from .waiter import ResultWaiter
+
+__all__ = ["AsyncClient", "Client", "raise_for_result"]
+
+T = TypeVar("T")
+
+# One Lua call carries at most this many requests: big enough to amortise the round trip, small enough
+# not to stall Redis for other clients.
+_SUBMIT_CHUNK = 500
+_DEFAULT_RESULT_TIMEOUT = 600.0
+# SDK-only keyword arguments of messages.create that have no meaning inside a batch.
+_UNSUPPORTED_SDK_KWARGS = ("extra_headers", "extra_query")
+
+
+class AsyncClient:
+    """Submit requests to batchd and collect their answers.
+
+    Construct it from settings (``AsyncClient()`` reads ``BATCHD_*``), or explicitly::
+
+        async with AsyncClient(redis_url="redis://127.0.0.1:6379/0") as client:
+            message = await client.messages.create(model=..., max_tokens=..., messages=[...])
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        redis: aioredis.Redis | None = None,
+        key_prefix: str | None = None,
+        socket_timeout: float = 10.0,
+    ) -> None:
+        if settings is None:
+            settings = load_settings(**({"redis_url": redis_url} if redis_url else {}))
+        self.settings = settings
+        self.keys = Keys(key_prefix or settings.key_prefix)
+        self._owns_redis = redis is None
+        self._redis: aioredis.Redis = redis or aioredis.Redis.from_url(
+            redis_url or settings.redis_url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            health_check_interval=30,
+        )
+        self._scripts = Scripts.register(self._redis)
+        self._waiter = ResultWaiter(self._redis, self.keys)
+        self.messages = AsyncMessages(self)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis connection this client uses (for ``batchd status`` and tools)."""
+        return self._redis
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(redis_url={redact_url(self.settings.redis_url)!r}, prefix={self.keys.prefix!r})"
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._waiter.close()
+        if self._owns_redis:
+            await self._redis.aclose()
+
+    # --- submit -------------------------------------------------------------------------------------------
+    async def submit(
+        self, params: Mapping[str, Any], request_id: str | None = None, *, wait: float = 0.0
+    ) -> str:
+        """Queue one request and return its id at once. Submitting an id that exists is a no-op.
+
+        When the queue is full, wait up to ``wait`` seconds for room, then raise QueueFull.
+        """
+        return (await self.submit_many([params], None if request_id is None else [request_id], wait=wait))[0]
+
+    async def submit_many(
+        self,
+        params_list: Iterable[Mapping[str, Any]],
+        request_ids: Sequence[str] | None = None,
+        *,
+        wait: float = 0.0,
+    ) -> list[str]:
+        """Queue many requests, pipelined; returns their ids in order.
+
+        Every request is validated before anything is written. Chunks of requests are written atomically;
+        if the queue fills part-way, QueueFull is raised and ``exc.accepted`` holds the ids that were queued.
+        """
+        encoded = [
+            encode_params(p, max_batch_bytes=self.settings.max_batch_bytes, max_attempts=self.settings.max_attempts)
+            for p in params_list
+        ]
+        if request_ids is None:
+            rids = [new_request_id() for _ in encoded]
+        else:
+            if len(request_ids) != len(encoded):
+                raise InvalidParams(f"{len(request_ids)} request ids for {len(encoded)} requests")
+            rids = [validate_request_id(rid) for rid in request_ids]
+        deadline = time.monotonic() + wait
+        accepted: list[str] = []
+        for start in range(0, len(rids), _SUBMIT_CHUNK):
+            chunk = list(zip(rids[start : start + _SUBMIT_CHUNK], encoded[start : start + _SUBMIT_CHUNK], strict=True))
+            backoff = 0.05
+            while True:
+                status = await self._enqueue(chunk)
+                if status is not None:
+                    break
+                if time.monotonic() + backoff > deadline:
+                    exc = QueueFull(
+                        f"batchd queue is full (BATCHD_MAX_QUEUED_REQUESTS={self.settings.max_queued_requests}, "
+                        f"BATCHD_MAX_QUEUED_BYTES={self.settings.max_queued_bytes}); "
+                        f"{len(accepted)} of {len(rids)} requests were queued"
+                    )
+                    exc.accepted = accepted  # type: ignore[attr-defined]
+                    raise exc
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            accepted.extend(rid for rid, _ in chunk)
+        return rids
+
+    async def _enqueue(self, chunk: list[tuple[str, bytes]]) -> list[int] | None:
+        keys = [self.keys.intake, self.keys.queue_stats]
+        args: list[Any] = [
+            int(time.time() * 1000),
+            self.settings.max_queued_requests,
+            self.settings.max_queued_bytes,
+        ]
+        for rid, body in chunk:
+            keys += [self.keys.request(rid), self.keys.result(rid)]
+            args += [rid, custom_id_for(rid, 1), body]
+        async with _redis_errors():
+            status = await self._scripts.enqueue(keys=keys, args=args, client=self._redis)
+        if status and int(status[0]) == -1:
+            return None
+        return [int(s) for s in status]
+
+    # --- results ------------------------------------------------------------------------------------------
+    async def result(self, request_id: str, timeout: float | None = _DEFAULT_RESULT_TIMEOUT) -> MessageBatchResult:
+        """Wait for the request's result (succeeded, errored, canceled or expired).
+
+        Raises ResultTimeout if ``timeout`` passes first (the request stays in flight), RequestNotFound for an
+        id batchd does not know.
+        """
+        validate_request_id(request_id)
+        async with _redis_errors():
+            line = await self._redis.get(self.keys.result(request_id))
+            if line is None:
+                if not await self._redis.exists(self.keys.request(request_id)):
+                    raise RequestNotFound(request_id)
+                line = await self._waiter.wait(request_id, timeout)
+        if line is None:
+            raise ResultTimeout(request_id, timeout if timeout is not None else float("inf"))
+        return parse_result_line(line)
+
+    async def peek(self, request_id: str) -> MessageBatchResult | None:
+        """The result if it has arrived, else None; never waits."""
+        validate_request_id(request_id)
+        async with _redis_errors():
+            line = await self._redis.get(self.keys.result(request_id))
+            if line is None and not await self._redis.exists(self.keys.request(request_id)):
+                raise RequestNotFound(request_id)
+        return None if line is None else parse_result_line(line)
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a request. Returns True if it was still queued (it will never be sent to the API), False
+        if it had already been flushed into a batch (its caller is answered ``canceled`` now; the API may
+        still process and bill it). Raises RequestNotFound for an unknown id; a request that already has
+        its answer keeps it (returns False).
+        """
+        validate_request_id(request_id)
+        line = orjson.dumps({"custom_id": request_id, "result": {"type": "canceled"}})
+        async with _redis_errors():
+            code = await self._scripts.cancel(
+                keys=[self.keys.request(request_id), self.keys.result(request_id), self.keys.queue_stats],
+                args=[line, self.settings.result_ttl_seconds, self.keys.delivered_channel, request_id],
+                client=self._redis,
+            )
+        if int(code) == -1:
+            raise RequestNotFound(request_id)
+        return int(code) == 1
+
+    async def ping(self) -> None:
+        async with _redis_errors():
+            await self._redis.ping()
+
+
+class AsyncMessages:
+    """``client.messages``: the SDK's non-streaming ``messages.create``, answered at batch prices."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def create(self, *, timeout: float | None = _DEFAULT_RESULT_TIMEOUT, **kwargs: Any) -> Message:
+        """Same keyword arguments as ``anthropic.AsyncAnthropic().messages.create`` (without streaming).
+
+        Returns the SDK's Message; raises RequestErrored/RequestCanceled/RequestExpired when the request
+        ends without one, ResultTimeout (with the request id) when ``timeout`` passes first.
+        """
+        params = sdk_kwargs_to_params(kwargs)
+        rid = await self._client.submit(params)
+        result = await self._client.result(rid, timeout=timeout)
+        return raise_for_result(rid, result)
+
+
+def sdk_kwargs_to_params(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """messages.create keyword arguments -> batch params: drop NOT_GIVEN/omit, merge extra_body."""
+    params: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if _is_not_given(value):
+            continue
+        if name in _UNSUPPORTED_SDK_KWARGS:
+            raise InvalidParams(f"{name} cannot be sent with a batch request")
+        if name == "extra_body":
+            if value is not None:
+                params.update(value)
+            continue
+        params[name] = value
+    return params
+
+
+def _is_not_given(value: object) -> bool:
+    return type(value).__name__ in {"NotGiven", "Omit"}
+
+
+def parse_result_line(line: bytes) -> MessageBatchResult:
+    return MessageBatchIndividualResponse.model_validate(orjson.loads(line)).result
+
+
+def raise_for_result(request_id: str, result: MessageBatchResult) -> Message:
+    """The Message of a succeeded result, or the typed batchd error for any other result."""
+    if result.type == "succeeded":
+        return result.message
+    if result.type == "errored":
+        envelope = result.error
+        error = envelope.error
+        raise RequestErrored(request_id, error.type, error.message)
+    if result.type == "canceled":
+        raise RequestCanceled(request_id)
+    raise RequestExpired(request_id)
+
+
+@contextlib.asynccontextmanager
+async def _redis_errors() -> AsyncIterator[None]:
+    """Redis failures become RedisUnavailable with a one-line reason; the scripts never half-write."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise RedisUnavailable(f"Redis is unreachable: {exc}") from exc
+    except ResponseError as exc:
+        if str(exc).startswith("OOM"):
+            raise RedisUnavailable(
+                "Redis is out of memory (maxmemory reached with noeviction); nothing was written"
+            ) from exc
+        raise RedisUnavailable(f"Redis refused the command: {exc}") from exc
+    except RedisError as exc:
+        raise RedisUnavailable(f"Redis error: {exc}") from exc
+
+
+class Client:
+    """The synchronous client: the same methods as AsyncClient, without ``await``.
+
+    It owns a private event loop in a daemon thread; many threads may share one Client.
+    """
+
+    def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="batchd-client", daemon=True)
+        self._thread.start()
+
+        async def make() -> AsyncClient:
+            return AsyncClient(redis_url, **kwargs)
+
+        try:
+            self._async = self._run(make())
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.settings = self._async.settings
+        self.messages = Messages(self)
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self._loop)
+        return future.result()
+
+    def __repr__(self) -> str:
+        return repr(self._async).replace("AsyncClient", "Client", 1)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._async.close())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def submit(self, params: Mapping[str, Any], request_id: str | None = None, *, wait: float = 0.0) -> str:
+        return self._run(self._async.submit(params, request_id, wait=wait))
+
+    def submit_many(
+        self,
+        params_list: Iterable[Mapping[str, Any]],
+        request_ids: Sequence[str] | None = None,
+        *,
+        wait: float = 0.0,
+    ) -> list[str]:
+        return self._run(self._async.submit_many(list(params_list), request_ids, wait=wait))
+
+    def result(self, request_id: str, timeout: float | None = _DEFAULT_RESULT_TIMEOUT) -> MessageBatchResult:
+        return self._run(self._async.result(request_id, timeout=timeout))
+
+    def peek(self, request_id: str) -> MessageBatchResult | None:
+        return self._run(self._async.peek(request_id))
+
+    def cancel(self, request_id: str) -> bool:
+        return self._run(self._async.cancel(request_id))
+
+    def ping(self) -> None:
+        self._run(self._async.ping())
+
+
+class Messages:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def create(self, *, timeout: float | None = _DEFAULT_RESULT_TIMEOUT, **kwargs: Any) -> Message:
+        """Same as AsyncMessages.create, blocking."""
+        return self._client._run(self._client._async.messages.create(timeout=timeout, **kwargs))
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+

@@ -1,0 +1,245 @@
+"""``batchd run``: one replica of the daemon.
+
+It runs three loops under one supervisor (each restarted with backoff if it fails, e.g. while Redis is
+down): the accumulator (intake -> flushes), the arq worker (submit, poll, fan-out, reconcile jobs) and a
+heartbeat (replica liveness, the metrics-leader lease, queue gauges, the systemd watchdog). Stopping
+(SIGTERM, SIGINT or ``stop``) stops taking work, lets running jobs finish within the grace period, and
+exits 0. Anything in flight at a SIGKILL is recovered by the other replicas or the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anthropic
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as RedisRetry
+
+from . import jobs, metrics, systemd
+from .accumulator import Accumulator
+from .batches import Context
+from .errors import ConfigError
+from .health import Health
+from .keys import Keys
+from .logs import log_event, register_secret
+from .scripts import Scripts
+from .settings import Settings, redact_url
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger(__name__)
+
+_HEARTBEAT_S = 1.0
+# A replica whose heartbeat is older than this is stopped: its queued entries are claimed by the others.
+DEAD_AFTER_S = 10.0
+_LEASE_MS = 5000
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, consumer: str | None = None) -> None:
+        if settings.anthropic_api_key is None:
+            raise ConfigError("BATCHD_ANTHROPIC_API_KEY (or ANTHROPIC_API_KEY) is not set")
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.health = Health()
+        self.stop_event = asyncio.Event()
+        self.metrics_port: int | None = None
+        self._ready = asyncio.Event()
+        register_secret(settings.anthropic_api_key.get_secret_value())
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=15,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+            retry=RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        self.scripts = Scripts.register(self.redis)
+        self.api = anthropic.AsyncAnthropic(
+            api_key=settings.anthropic_api_key.get_secret_value(),
+            base_url=settings.anthropic_base_url,
+            max_retries=2,
+        )
+
+    def __repr__(self) -> str:
+        return f"Daemon(consumer={self.consumer!r}, redis={redact_url(self.settings.redis_url)!r})"
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    async def run(self, *, install_signal_handlers: bool = True) -> int:
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        s = self.settings
+        log_event(log, "daemon.starting", consumer=self.consumer, redis=redact_url(s.redis_url),
+                  api=s.anthropic_base_url or "https://api.anthropic.com")
+        server = await metrics.start_http_server(s.metrics_host, s.metrics_port, self.health)
+        self.metrics_port = server.port
+        self.health.add_check("redis", self.redis.ping)
+        self.health.add_check("anthropic", self._check_api)
+        metrics.BUILD_INFO.info({"version": _version()})
+        arq_pool = jobs.connect(s.redis_url, self.keys.arq_queue)
+        scheduler = jobs.ArqScheduler(arq_pool, self.keys.arq_queue)
+        context = Context(self.redis, self.keys, self.scripts, s, self.api, scheduler)
+
+        async def on_flush(fid: str, trigger: str, n: int, nbytes: int) -> None:
+            await scheduler.submit(fid)
+
+        accumulator = Accumulator(
+            self.redis,
+            self.keys,
+            self.scripts,
+            consumer=self.consumer,
+            max_requests=s.max_batch_requests,
+            max_bytes=s.max_batch_bytes,
+            max_age_s=s.max_batch_age_seconds,
+            on_flush=on_flush,
+            on_read=metrics.REQUESTS_SUBMITTED.inc,
+            beat=lambda: self.health.beat("accumulator"),
+            dead_after_s=DEAD_AFTER_S,
+        )
+        self.health.register("accumulator", max_silence=30.0)
+        self.health.register("heartbeat", max_silence=30.0)
+        worker_box: list[Any] = []
+
+        async def run_worker() -> None:
+            worker = jobs.build_worker(context, arq_pool, queue_name=self.keys.arq_queue)
+            worker_box[:] = [worker]
+            await worker.async_run()
+
+        tasks = [
+            asyncio.create_task(self._supervise("accumulator", lambda: accumulator.run(self.stop_event))),
+            asyncio.create_task(self._supervise("heartbeat", self._heartbeat)),
+            asyncio.create_task(self._supervise("worker", run_worker)),
+        ]
+        self._ready.set()
+        systemd.ready()
+        log_event(log, "daemon.ready", consumer=self.consumer, metrics_port=server.port)
+        try:
+            await self.stop_event.wait()
+        finally:
+            systemd.stopping()
+            log_event(log, "daemon.stopping", grace_seconds=s.shutdown_grace_seconds)
+            await self._shutdown(tasks, worker_box[0] if worker_box else None)
+            with contextlib.suppress(Exception):
+                # Gone from the heartbeat set: the other replicas claim this one's queued entries at once.
+                await self.redis.zrem(self.keys.replicas, self.consumer)
+            with contextlib.suppress(Exception):
+                await arq_pool.aclose()
+            await self.redis.aclose()
+            await self.api.close()
+            await server.close()
+            log_event(log, "daemon.stopped", consumer=self.consumer)
+        return 0
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("received %s: stopping", sig.name)
+        self.stop_event.set()
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]], worker: Any) -> None:
+        grace = self.settings.shutdown_grace_seconds
+        if worker is not None:
+            # Stop picking jobs; let the running ones finish within the grace period.
+            worker.allow_pick_jobs = False
+            running = [t for t in worker.tasks.values() if not t.done()]
+            if running:
+                _done, late = await asyncio.wait(running, timeout=grace)
+                if late:
+                    log.warning("%d jobs still running after %.0fs; cancelling (they re-run elsewhere)",
+                                len(late), grace)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if worker is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*worker.tasks.values(), return_exceptions=True), 5)
+
+    async def _supervise(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
+        """Run a loop until stop; when it fails, say why and restart it with backoff."""
+        backoff = 0.2
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            try:
+                await make()
+                if self.stop_event.is_set():
+                    return
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("%s: Redis unreachable (%s); reconnecting in %.1fs", name, exc, backoff)
+            except Exception:
+                log.exception("%s failed; restarting in %.1fs", name, backoff)
+            if time.monotonic() - started > 30:
+                backoff = 0.2
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _heartbeat(self) -> None:
+        k = self.keys
+        watchdog = systemd.watchdog_interval()
+        last_ping = 0.0
+        was_leader = False
+        while not self.stop_event.is_set():
+            now_ms = int(time.time() * 1000)
+            await self.redis.zadd(k.replicas, {self.consumer: now_ms})
+            leader = await self.scripts.lease(keys=[k.metrics_leader], args=[self.consumer, _LEASE_MS], client=self.redis)
+            if leader:
+                metrics.queue_gauges.update(await self.snapshot(now_ms))
+            elif was_leader:
+                metrics.queue_gauges.clear()
+            was_leader = bool(leader)
+            self.health.beat("heartbeat")
+            if watchdog and time.monotonic() - last_ping >= watchdog / 2 and self.health.all_alive():
+                systemd.watchdog()
+                last_ping = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), _HEARTBEAT_S)
+
+    async def snapshot(self, now_ms: int) -> metrics.QueueSnapshot:
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(k.queue_stats, "n", "bytes")
+            pipe.xrange(k.intake, "-", "+", count=1)
+            pipe.zcard(k.open_batches)
+            pipe.zcount(k.replicas, now_ms - int(DEAD_AFTER_S * 1000), "+inf")
+            (n, nbytes), first, open_batches, replicas = await pipe.execute()
+        oldest = 0.0
+        if first and int(n or 0) > 0:
+            first_id = first[0][0]
+            first_id = first_id.decode() if isinstance(first_id, bytes) else str(first_id)
+            oldest = max(0.0, (now_ms - int(first_id.split("-", 1)[0])) / 1000)
+        return metrics.QueueSnapshot(
+            pending_requests=int(n or 0),
+            pending_bytes=int(nbytes or 0),
+            oldest_age_seconds=oldest,
+            open_batches=int(open_batches),
+            replicas=int(replicas),
+        )
+
+    async def _check_api(self) -> bool:
+        await self.api.messages.batches.list(limit=1)
+        return True
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,121 @@
+"""batchd's exceptions: one small tree, so callers can catch as broadly or narrowly as they need.
+
+    BatchdError
+    ├── ConfigError              a setting is missing or invalid (the CLI exits 2)
+    ├── InvalidRequest           refused at submit; nothing was written
+    │   ├── InvalidParams        not a mapping, missing model/max_tokens/messages, stream, not JSON
+    │   ├── InvalidRequestId     outside [A-Za-z0-9_-]{1,60}
+    │   └── RequestTooLarge      bigger than one batch may hold
+    ├── QueueFull                backpressure: the queue cap was reached (and the wait, if any, ran out)
+    ├── RedisUnavailable         Redis could not be reached or refused the write (e.g. out of memory)
+    ├── RequestNotFound          no such request id (never submitted, or its result expired)
+    ├── ResultTimeout            the caller's wait ended first; the answer can be collected later by id
+    └── RequestFailed            the request ended without a message
+        ├── RequestErrored       the API answered with an error (error_type, message)
+        ├── RequestCanceled      canceled before it was processed
+        └── RequestExpired       the API did not process it in time, on every attempt
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchdError",
+    "ConfigError",
+    "InvalidParams",
+    "InvalidRequest",
+    "InvalidRequestId",
+    "QueueFull",
+    "RedisUnavailable",
+    "RequestCanceled",
+    "RequestErrored",
+    "RequestExpired",
+    "RequestFailed",
+    "RequestNotFound",
+    "RequestTooLarge",
+    "ResultTimeout",
+]
+
+
+class BatchdError(Exception):
+    """Base of every error batchd raises on purpose."""
+
+
+class ConfigError(BatchdError):
+    """A setting is invalid; the message names it."""
+
+
+class InvalidRequest(BatchdError):
+    """The request was refused at submit and nothing was written."""
+
+
+class InvalidParams(InvalidRequest):
+    pass
+
+
+class InvalidRequestId(InvalidRequest):
+    pass
+
+
+class RequestTooLarge(InvalidRequest):
+    pass
+
+
+class QueueFull(BatchdError):
+    """The intake queue is at its configured cap of requests or bytes."""
+
+
+class RedisUnavailable(BatchdError):
+    """Redis could not be reached, or refused the write. Nothing was half-written."""
+
+
+class RequestNotFound(BatchdError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"no request {request_id!r} (never submitted, or its result has expired)")
+        self.request_id = request_id
+
+
+class ResultTimeout(BatchdError):
+    """The wait ended before the answer arrived. The request is still in flight: collect it later."""
+
+    def __init__(self, request_id: str, timeout: float) -> None:
+        super().__init__(
+            f"request {request_id!r} has no answer yet after {timeout:g}s; "
+            f"collect it later with client.result({request_id!r})"
+        )
+        self.request_id = request_id
+        self.timeout = timeout
+
+
+class RequestFailed(BatchdError):
+    """The request ended without a message. ``result_type`` is the batch result type."""
+
+    result_type: str = ""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class RequestErrored(RequestFailed):
+    """The API answered this request with an error; ``error_type`` is the API's (e.g. invalid_request_error)."""
+
+    result_type = "errored"
+
+    def __init__(self, request_id: str, error_type: str, message: str) -> None:
+        super().__init__(request_id, f"{error_type}: {message} (request {request_id})")
+        self.error_type = error_type
+        self.api_message = message
+
+
+class RequestCanceled(RequestFailed):
+    result_type = "canceled"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(request_id, f"request {request_id!r} was canceled")
+
+
+class RequestExpired(RequestFailed):
+    result_type = "expired"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(request_id, f"request {request_id!r} expired before the API processed it")

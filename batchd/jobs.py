@@ -1,0 +1,120 @@
+"""arq, behind one module: the control-plane jobs of batches.py as arq functions, and the scheduler that
+enqueues them. Nothing else in batchd imports arq, so the job runner could be swapped.
+
+Jobs are enqueued under deterministic ids (``submit:<fid>``, ``poll:<batch>``): arq refuses a second job
+with an id that is queued, deferred or running, which makes re-enqueueing (by the reconciler) a no-op.
+Jobs are serialised as JSON, not pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from arq import cron
+from arq.connections import ArqRedis
+from arq.worker import Retry, Worker, func
+from redis.asyncio import ConnectionPool
+
+from . import batches
+from .batches import Context, RetryLater
+
+__all__ = ["ArqScheduler", "build_worker", "connect"]
+
+# A batch may take 24 h to end; its poll job must outlive that (arq drops a job past its expiry).
+_POLL_EXPIRES = timedelta(hours=30)
+# Generous: a run of each is short, but a job retries (RetryLater) for as long as the batch is open.
+_MANY_TRIES = 1_000_000
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, default=str).encode()
+
+
+def _loads(data: bytes) -> Any:
+    return json.loads(data)
+
+
+def connect(redis_url: str, queue_name: str) -> ArqRedis:
+    return ArqRedis(
+        ConnectionPool.from_url(redis_url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=15),
+        job_serializer=_dumps,
+        job_deserializer=_loads,
+        default_queue_name=queue_name,
+    )
+
+
+class ArqScheduler:
+    """batches.Scheduler on arq."""
+
+    def __init__(self, pool: ArqRedis, queue_name: str) -> None:
+        self.pool = pool
+        self.queue_name = queue_name
+
+    async def submit(self, fid: str) -> None:
+        await self.pool.enqueue_job("submit_flush", fid, _job_id=f"submit:{fid}", _queue_name=self.queue_name)
+
+    async def poll(self, batch_id: str, defer: float) -> None:
+        await self.pool.enqueue_job(
+            "poll_batch",
+            batch_id,
+            _job_id=f"poll:{batch_id}",
+            _queue_name=self.queue_name,
+            _defer_by=timedelta(seconds=defer),
+            _expires=_POLL_EXPIRES,
+        )
+
+
+def _context(ctx: dict[str, Any]) -> Context:
+    context: Context = ctx["batchd"]
+    return context
+
+
+async def _submit_flush(ctx: dict[str, Any], fid: str) -> str:
+    try:
+        return await batches.submit_flush(_context(ctx), fid, attempt=int(ctx.get("job_try", 1)))
+    except RetryLater as exc:
+        raise Retry(defer=exc.defer) from exc
+
+
+async def _poll_batch(ctx: dict[str, Any], batch_id: str) -> str:
+    try:
+        return await batches.poll_batch(_context(ctx), batch_id, attempt=int(ctx.get("job_try", 1)))
+    except RetryLater as exc:
+        raise Retry(defer=exc.defer) from exc
+
+
+async def _reconcile(ctx: dict[str, Any]) -> dict[str, int]:
+    return await batches.reconcile(_context(ctx))
+
+
+def build_worker(
+    context: Context,
+    pool: ArqRedis,
+    *,
+    queue_name: str,
+    max_jobs: int = 10,
+    job_timeout: float = 900.0,
+    reconcile_every_s: int = 5,
+) -> Worker:
+    """An arq Worker for the batch jobs. Signals are the daemon's business, not arq's."""
+    functions = [
+        func(_submit_flush, name="submit_flush", max_tries=_MANY_TRIES, keep_result=0, timeout=job_timeout),
+        func(_poll_batch, name="poll_batch", max_tries=_MANY_TRIES, keep_result=0, timeout=job_timeout),
+    ]
+    seconds = set(range(0, 60, max(1, reconcile_every_s)))
+    return Worker(
+        functions,  # type: ignore[arg-type]
+        cron_jobs=[cron(_reconcile, name="reconcile", second=seconds, run_at_startup=True, timeout=60)],
+        redis_pool=pool,
+        queue_name=queue_name,
+        handle_signals=False,
+        max_jobs=max_jobs,
+        poll_delay=0.05,
+        keep_result=0,
+        ctx={"batchd": context},
+        job_serializer=_dumps,
+        job_deserializer=_loads,
+        log_results=False,
+    )

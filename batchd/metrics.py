@@ -1,0 +1,373 @@
+"""Prometheus metrics of one daemon replica, and the HTTP server for /metrics, /healthz and /readyz.
+
+Every metric lives in :data:`REGISTRY` (not prometheus_client's global one), so importing batchd never adds
+series to an application's own registry. Every label takes values from a small fixed set, listed on each
+metric below; free-form values (model ids, exception types, API error types) pass through a helper that
+folds the unknown into a bucket ("other", "client", ...), so a caller cannot create unbounded series.
+
+Counters count what *this replica* did; sum them across replicas. The queue gauges are different: they are
+read from the shared Redis, so only the replica holding the metrics-leader lease exports them (see
+:class:`QueueGauges`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from . import pricing
+from .health import Health
+
+__all__ = [
+    "API_ERRORS",
+    "API_ERROR_KINDS",
+    "API_OPS",
+    "API_REQUESTS",
+    "BATCHES_CREATED",
+    "BATCH_REQUESTS",
+    "BATCH_TRIGGERS",
+    "BUILD_INFO",
+    "COST_USD",
+    "OTHER_MODEL",
+    "REGISTRY",
+    "REQUESTS_RETRIED",
+    "REQUESTS_SUBMITTED",
+    "REQUEST_LATENCY",
+    "RESULTS",
+    "RESULT_TYPES",
+    "RETRY_REASONS",
+    "SAVINGS_USD",
+    "TOKENS",
+    "TOKEN_KINDS",
+    "MetricsServer",
+    "QueueGauges",
+    "QueueSnapshot",
+    "classify_api_error",
+    "count_api_error",
+    "model_label",
+    "queue_gauges",
+    "record_usage",
+    "retry_reason",
+    "start_http_server",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# The closed sets of label values.
+RETRY_REASONS = ("expired", "api_error", "overloaded_error", "other")
+RESULT_TYPES = ("succeeded", "errored", "canceled", "expired")
+BATCH_TRIGGERS = ("count", "bytes", "age")
+API_OPS = ("create", "retrieve", "results", "list", "cancel")
+API_ERROR_KINDS = ("rate_limit", "overloaded", "server", "connection", "not_found", "client", "timeout")
+TOKEN_KINDS = ("input", "output", "cache_write", "cache_read")
+OTHER_MODEL = "other"
+
+REQUESTS_SUBMITTED = Counter(
+    "batchd_requests_submitted_total",
+    "Requests this replica took from intake on their first attempt (resubmissions count as retries).",
+    registry=REGISTRY,
+)
+REQUESTS_RETRIED = Counter(
+    "batchd_requests_retried_total",
+    "Requests sent back to intake for another attempt. reason: expired|api_error|overloaded_error|other.",
+    ["reason"],
+    registry=REGISTRY,
+)
+RESULTS = Counter(
+    "batchd_results_total",
+    "Final answers delivered to callers. type: succeeded|errored|canceled|expired.",
+    ["type"],
+    registry=REGISTRY,
+)
+BATCHES_CREATED = Counter(
+    "batchd_batches_created_total",
+    "Message Batches created, by the limit that closed them. trigger: count|bytes|age.",
+    ["trigger"],
+    registry=REGISTRY,
+)
+BATCH_REQUESTS = Histogram(
+    "batchd_batch_requests",
+    "Requests per created batch.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000),
+    registry=REGISTRY,
+)
+REQUEST_LATENCY = Histogram(
+    "batchd_request_latency_seconds",
+    "Time from submit to the answer being delivered, per request (0.5 s to the API's 24 h window).",
+    buckets=(
+        0.5,
+        1,
+        2,
+        5,
+        10,
+        30,
+        60,
+        120,
+        300,
+        600,
+        1_200,
+        1_800,
+        3_600,
+        7_200,
+        14_400,
+        28_800,
+        43_200,
+        86_400,
+    ),
+    registry=REGISTRY,
+)
+COST_USD = Counter(
+    "batchd_cost_usd_total",
+    "USD spent at batch prices on delivered messages. model: a price-table base id, or 'other' (uncosted).",
+    ["model"],
+    registry=REGISTRY,
+)
+SAVINGS_USD = Counter(
+    "batchd_savings_usd_total",
+    "USD saved against standard prices on delivered messages. model: as batchd_cost_usd_total.",
+    ["model"],
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "batchd_tokens_total",
+    "Tokens billed on delivered messages. model: a price-table base id or 'other'; "
+    "kind: input|output|cache_write|cache_read.",
+    ["model", "kind"],
+    registry=REGISTRY,
+)
+API_REQUESTS = Counter(
+    "batchd_api_requests_total",
+    "Calls to the Message Batches API (SDK retries inside one call count once). "
+    "op: create|retrieve|results|list|cancel.",
+    ["op"],
+    registry=REGISTRY,
+)
+API_ERRORS = Counter(
+    "batchd_api_errors_total",
+    "Message Batches API calls that failed. op: as batchd_api_requests_total; "
+    "kind: rate_limit|overloaded|server|connection|not_found|client|timeout.",
+    ["op", "kind"],
+    registry=REGISTRY,
+)
+BUILD_INFO = Info("batchd_build", "The running batchd version.", registry=REGISTRY)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("batchd")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+BUILD_INFO.info({"version": _version()})
+
+# Create every bounded series now, so a dashboard sees 0 rather than "no data" before the first event.
+for _reason in RETRY_REASONS:
+    REQUESTS_RETRIED.labels(reason=_reason)
+for _type in RESULT_TYPES:
+    RESULTS.labels(type=_type)
+for _trigger in BATCH_TRIGGERS:
+    BATCHES_CREATED.labels(trigger=_trigger)
+for _op in API_OPS:
+    API_REQUESTS.labels(op=_op)
+    for _kind in API_ERROR_KINDS:
+        API_ERRORS.labels(op=_op, kind=_kind)
+
+
+# --- bounded label helpers ----------------------------------------------------------------------------------
+
+
+def model_label(model: str) -> str:
+    """The ``model`` label for a model id: its price-table base id (dated ids folded in), else "other"."""
+    price = pricing.price_for(model)
+    return price.model if price is not None else OTHER_MODEL
+
+
+def retry_reason(error_type: str | None) -> str:
+    """The ``reason`` label for a retried request: "expired", the API's retryable error type, or "other"."""
+    return error_type if error_type in RETRY_REASONS else "other"
+
+
+def classify_api_error(exc: BaseException) -> str:
+    """The ``kind`` label of an exception from an API call (always one of :data:`API_ERROR_KINDS`).
+
+    SDK timeouts and HTTP 408 -> timeout; other transport failures -> connection; 429 -> rate_limit (including
+    spend-limit 429s); 529 -> overloaded; 404 -> not_found; other 5xx -> server; anything else, including
+    other 4xx and non-HTTP errors raised by the SDK locally, -> client.
+    """
+    # APITimeoutError subclasses APIConnectionError: test it first.
+    if isinstance(exc, anthropic.APITimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, anthropic.APIConnectionError | ConnectionError):
+        return "connection"
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        if status == 429:
+            return "rate_limit"
+        if status == 529 or isinstance(exc, anthropic.OverloadedError):
+            return "overloaded"
+        if status == 404:
+            return "not_found"
+        if status == 408:
+            return "timeout"
+        if status >= 500:
+            return "server"
+    return "client"
+
+
+def count_api_error(op: str, exc: BaseException) -> str:
+    """Count one failed API call (``op`` in :data:`API_OPS`) and return its kind."""
+    kind = classify_api_error(exc)
+    API_ERRORS.labels(op=op, kind=kind).inc()
+    return kind
+
+
+def record_usage(model: str, usage: Mapping[str, Any]) -> float | None:
+    """Count a delivered message's tokens, cost and savings; return its batch cost (None: unpriced)."""
+    label = model_label(model)
+    counts = pricing.token_counts(usage)
+    for kind, n in (
+        ("input", counts.input),
+        ("output", counts.output),
+        ("cache_write", counts.cache_write),
+        ("cache_read", counts.cache_read),
+    ):
+        if n:
+            TOKENS.labels(model=label, kind=kind).inc(n)
+    both = pricing.costs(model, usage)
+    if both is None:
+        return None
+    batch, standard = both
+    COST_USD.labels(model=label).inc(batch)
+    SAVINGS_USD.labels(model=label).inc(standard - batch)
+    return batch
+
+
+# --- queue gauges, exported by the metrics leader only ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """The shared queue's state as read from Redis at one moment."""
+
+    pending_requests: int  # in intake, not yet in a flush
+    pending_bytes: int
+    oldest_age_seconds: float  # age of the oldest pending request; 0 when none are pending
+    open_batches: int  # created and not yet fanned out
+    replicas: int  # replicas with a recent heartbeat
+
+
+_QUEUE_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("batchd_intake_pending_requests", "Requests queued in intake and not yet flushed.", "pending_requests"),
+    (
+        "batchd_intake_pending_bytes",
+        "Bytes of requests queued in intake and not yet flushed.",
+        "pending_bytes",
+    ),
+    (
+        "batchd_intake_oldest_age_seconds",
+        "Age of the oldest request in intake (0 if empty).",
+        "oldest_age_seconds",
+    ),
+    ("batchd_open_batches", "Message Batches created and not yet fanned out.", "open_batches"),
+    ("batchd_replicas", "Daemon replicas with a recent heartbeat.", "replicas"),
+)
+
+
+class QueueGauges(Collector):
+    """Gauges of the shared queue: batchd_intake_pending_requests, batchd_intake_pending_bytes,
+    batchd_intake_oldest_age_seconds, batchd_open_batches and batchd_replicas (no labels).
+
+    Every replica could read these from Redis, and summing them across replicas would multiply them. So the
+    daemon calls :meth:`update` only on the replica holding the metrics-leader lease, and :meth:`clear` on
+    every other one (and on losing the lease): a non-leader exports NO samples at all for these families,
+    and ``sum()`` or ``max()`` over replicas gives the true value.
+    """
+
+    def __init__(self) -> None:
+        self._snapshot: QueueSnapshot | None = None
+
+    @property
+    def snapshot(self) -> QueueSnapshot | None:
+        return self._snapshot
+
+    def update(self, snapshot: QueueSnapshot) -> None:
+        # One reference swap: a scrape sees the old snapshot or the new one, never a mix.
+        self._snapshot = snapshot
+
+    def clear(self) -> None:
+        self._snapshot = None
+
+    def describe(self) -> Iterable[Metric]:
+        # Names for the registry's duplicate check, whether or not we hold a snapshot right now.
+        return [GaugeMetricFamily(name, doc) for name, doc, _ in _QUEUE_FAMILIES]
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = self._snapshot
+        if snapshot is None:
+            return []
+        return [
+            GaugeMetricFamily(name, doc, value=getattr(snapshot, attr)) for name, doc, attr in _QUEUE_FAMILIES
+        ]
+
+
+queue_gauges = QueueGauges()
+REGISTRY.register(queue_gauges)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------------------
+
+
+class MetricsServer:
+    """The running /metrics, /healthz, /readyz server. ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, runner: web.AppRunner, port: int) -> None:
+        self._runner = runner
+        self.port = port
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+def _make_app(health: Health) -> web.Application:
+    async def metrics(_request: web.Request) -> web.Response:
+        # Set the header directly: aiohttp's content_type= refuses a value carrying parameters.
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        alive, body = health.liveness()
+        return web.json_response(body, status=200 if alive else 503)
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ready, body = await health.readiness()
+        return web.json_response(body, status=200 if ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_http_server(host: str, port: int, health: Health) -> MetricsServer:
+    """Serve ``GET /metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0: any free port)."""
+    # No access log: a scrape every few seconds would bury the daemon's own lines.
+    runner = web.AppRunner(_make_app(health), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return MetricsServer(runner, int(bound))

@@ -1,0 +1,170 @@
+"""Settings: environment ``BATCHD_*``, an optional TOML file, and secrets from ``$CREDENTIALS_DIRECTORY``.
+
+Precedence, highest first: explicit keyword arguments, environment, the secrets directory (systemd
+``LoadCredential=``), the TOML file (``--config PATH`` or ``BATCHD_CONFIG``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+__all__ = ["API_MAX_BATCH_BYTES", "API_MAX_BATCH_REQUESTS", "Settings", "load_settings"]
+
+API_MAX_BATCH_REQUESTS = 100_000
+API_MAX_BATCH_BYTES = 256 * 1024 * 1024  # 268,435,456: the API's hard limit on a create body
+# Default leaves ~6 % for the envelope and headers, and for clients sized by another replica's settings.
+DEFAULT_MAX_BATCH_BYTES = 250_000_000
+
+
+class _SecretsDirSource(PydanticBaseSettingsSource):
+    """Reads ``$CREDENTIALS_DIRECTORY/<name>`` for secret fields (systemd ``LoadCredential=``).
+
+    A file named ``anthropic_api_key`` (or ``batchd_anthropic_api_key``) fills ``anthropic_api_key``.
+    """
+
+    SECRET_FIELDS = ("anthropic_api_key",)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is overridden; pydantic-settings requires the method
+
+    def __call__(self) -> dict[str, Any]:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            return {}
+        found: dict[str, Any] = {}
+        for name in self.SECRET_FIELDS:
+            for candidate in (name, f"batchd_{name}", name.upper(), f"BATCHD_{name.upper()}"):
+                path = Path(directory) / candidate
+                if path.is_file():
+                    found[name] = path.read_text(encoding="utf-8").strip()
+                    break
+        return found
+
+
+class Settings(BaseSettings):
+    """Every batchd setting. Documented one by one in ``config/batchd.example.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHD_",
+        extra="forbid",
+        validate_default=True,
+        populate_by_name=True,
+    )
+
+    # Where the queue lives. rediss:// and user:password@ (ACL) URLs are passed to redis-py as they are.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Namespace of every key; two deployments can share one Redis with different prefixes.
+    key_prefix: str = Field(default="batchd", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("anthropic_api_key", "BATCHD_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
+    )
+    anthropic_base_url: str | None = None
+
+    max_batch_requests: int = Field(default=10_000, ge=1, le=API_MAX_BATCH_REQUESTS)
+    max_batch_bytes: int = Field(default=DEFAULT_MAX_BATCH_BYTES, ge=1024, le=API_MAX_BATCH_BYTES)
+    max_batch_age_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    poll_min_seconds: float = Field(default=2.0, gt=0)
+    poll_max_seconds: float = Field(default=60.0, gt=0)
+    result_ttl_seconds: int = Field(default=7 * 86_400, ge=60)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+    # Backpressure: submit refuses (or waits) past these.
+    max_queued_requests: int = Field(default=1_000_000, ge=1)
+    max_queued_bytes: int = Field(default=2 * 1024**3, ge=1024)
+
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9464, ge=0, le=65_535)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _poll_range(self) -> Settings:
+        if self.poll_max_seconds < self.poll_min_seconds:
+            raise ValueError("poll_max_seconds must be >= poll_min_seconds")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            _SecretsDirSource(settings_cls),
+        ]
+        toml_path = _CONFIG_PATH_OVERRIDE or os.environ.get("BATCHD_CONFIG")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict fit for logs and ``status``: secrets masked."""
+        data = self.model_dump()
+        data["anthropic_api_key"] = "**********" if self.anthropic_api_key else None
+        data["redis_url"] = redact_url(self.redis_url)
+        return data
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:pass@host`` -> ``redis://user:***@host``: a Redis password must not reach logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
+
+
+# Set by load_settings(config_path=...) for the duration of one construction; keeps Settings() usable bare.
+_CONFIG_PATH_OVERRIDE: str | None = None
+
+
+# Env names, for error messages: BATCHD_<FIELD>.
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    if field == "anthropic_api_key":
+        return "BATCHD_ANTHROPIC_API_KEY"
+    return f"BATCHD_{field.upper()}"
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings, turning every validation failure into one ConfigError naming the setting."""
+    global _CONFIG_PATH_OVERRIDE
+    path = str(config_path) if config_path is not None else None
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    env_path = os.environ.get("BATCHD_CONFIG")
+    if path is None and env_path and not Path(env_path).is_file():
+        raise ConfigError(f"BATCHD_CONFIG: config file {env_path!r} does not exist")
+    _CONFIG_PATH_OVERRIDE = path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first.get("loc", ()))
+        name = _env_name(loc) if loc else "settings"
+        raise ConfigError(f"{name}: {first.get('msg', 'invalid value')}") from None
+    except (ValueError, OSError) as exc:  # e.g. a TOML syntax error
+        raise ConfigError(f"config: {exc}") from None
+    finally:
+        _CONFIG_PATH_OVERRIDE = None

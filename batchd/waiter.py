@@ -1,0 +1,128 @@
+"""Waiting for results: every waiter in a process shares one pub/sub connection.
+
+The deliver script publishes each answered request id on one channel. One listener task per client
+subscribes, and on each id wakes the futures waiting for it, fetching results with one MGET per burst of
+ids. A waiter checks the result key itself *after* the subscription is live, so an answer that landed
+before it started waiting is never missed; after every (re)subscription, and every ``sweep_seconds``, the
+listener re-checks all pending ids, so a message lost while disconnected costs a delay, not an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .keys import Keys
+
+__all__ = ["ResultWaiter"]
+
+log = logging.getLogger(__name__)
+
+_MGET_CHUNK = 1000
+
+
+class ResultWaiter:
+    def __init__(self, redis: Any, keys: Keys, *, sweep_seconds: float = 5.0) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._sweep_seconds = sweep_seconds
+        self._pending: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def wait(self, rid: str, timeout: float | None) -> bytes | None:
+        """The stored results line for ``rid``, or None if ``timeout`` passes first."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._pending.setdefault(rid, []).append(future)
+        try:
+            self._ensure_listener()
+            async with asyncio.timeout(timeout):
+                await self._subscribed.wait()
+                # Checked after subscribing: an answer published before this point is in the key.
+                line = await self._redis.get(self._keys.result(rid))
+                if line is not None:
+                    return bytes(line)
+                return await future
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._pending.get(rid, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._pending.pop(rid, None)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(v) for v in self._pending.values())
+
+    def _ensure_listener(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._listen(), name="batchd-result-listener")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._keys.delivered_channel)
+                self._subscribed.set()
+                backoff = 0.1
+                await self._sweep()
+                loop = asyncio.get_running_loop()
+                next_sweep = loop.time() + self._sweep_seconds
+                while True:
+                    message = await pubsub.get_message(timeout=self._sweep_seconds)
+                    ids: set[str] = set()
+                    while message is not None:
+                        rid = _text(message.get("data"))
+                        if rid in self._pending:
+                            ids.add(rid)
+                        # Drain what is already buffered so one MGET serves the burst.
+                        message = await pubsub.get_message(timeout=0)
+                    if ids:
+                        await self._fetch(list(ids))
+                    if loop.time() >= next_sweep:
+                        await self._sweep()
+                        next_sweep = loop.time() + self._sweep_seconds
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self._subscribed.clear()
+                log.warning("result listener lost Redis (%s); reconnecting in %.1fs", type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _sweep(self) -> None:
+        await self._fetch(list(self._pending))
+
+    async def _fetch(self, rids: list[str]) -> None:
+        for start in range(0, len(rids), _MGET_CHUNK):
+            chunk = rids[start : start + _MGET_CHUNK]
+            values = await self._redis.mget([self._keys.result(rid) for rid in chunk])
+            for rid, value in zip(chunk, values, strict=True):
+                if value is None:
+                    continue
+                for future in self._pending.get(rid, []):
+                    if not future.done():
+                        future.set_result(bytes(value))
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return str(value)

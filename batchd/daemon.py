@@ -142,7 +142,7 @@ class Daemon:
                 # Gone from the heartbeat set: the other replicas claim this one's queued entries at once.
                 await self.redis.zrem(self.keys.replicas, self.consumer)
             with contextlib.suppress(Exception):
-                await arq_pool.aclose()
+                await arq_pool.aclose(close_connection_pool=True)
             await self.redis.aclose()
             await self.api.close()
             await server.close()

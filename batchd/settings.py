@@ -70,7 +70,7 @@ class Settings(BaseSettings):
 
     anthropic_api_key: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices("anthropic_api_key", "BATCHD_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
+        validation_alias=AliasChoices("BATCHD_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
     )
     anthropic_base_url: str | None = None
 

@@ -149,7 +149,8 @@ class Accumulator:
     async def claim_from_dead(self) -> int:
         """Claim the pending entries of consumers whose heartbeat stopped. Live consumers are never robbed."""
         heartbeats = {
-            _text(name): int(score) for name, score in await self.redis.zrange(self.keys.replicas, 0, -1, withscores=True)
+            _text(name): int(score)
+            for name, score in await self.redis.zrange(self.keys.replicas, 0, -1, withscores=True)
         }
         now = _now_ms()
         claimed = 0
@@ -177,7 +178,10 @@ class Accumulator:
                 continue
             # min_idle_time: if another replica claimed these a moment ago, this claim takes nothing.
             reply = await self.redis.xclaim(
-                self.keys.intake, CONSUMER_GROUP, self.consumer, min_idle_time=self.dead_after_ms // 2,
+                self.keys.intake,
+                CONSUMER_GROUP,
+                self.consumer,
+                min_idle_time=self.dead_after_ms // 2,
                 message_ids=ids,
             )
             got = _entries([[self.keys.intake, reply]])
@@ -200,7 +204,9 @@ class Accumulator:
                 first = False
             self._held.add(entry_id)
             first_attempts += first
-            self._buffer.add(Entry(entry_id, fields["rid"], item_size(len(cid), int(fields.get("n", 0))), first))
+            self._buffer.add(
+                Entry(entry_id, fields["rid"], item_size(len(cid), int(fields.get("n", 0))), first)
+            )
         return first_attempts
 
     def due(self) -> tuple[int, Trigger] | None:
@@ -256,7 +262,9 @@ class Accumulator:
         )
         if int(sealed) <= 0:
             return None
-        log.info("flush %s sealed: %d requests, %d params bytes, trigger=%s", fid, moved, moved_bytes, trigger)
+        log.info(
+            "flush %s sealed: %d requests, %d params bytes, trigger=%s", fid, moved, moved_bytes, trigger
+        )
         await self.on_flush(fid, trigger, moved, moved_bytes)
         return fid
 

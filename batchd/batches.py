@@ -48,9 +48,6 @@ _READ_CHUNK = 1000
 _TRANSIENT_404_S = 600.0
 # When looking for an orphan of an interrupted create: allow this much clock skew against the API.
 _ORPHAN_SKEW_S = 300.0
-# Creates are serialised across replicas (see _create_lock); a holder that died frees it after this.
-_CREATE_LOCK_TTL_S = 900.0
-_CREATE_TIMEOUT_S = 600.0
 # A flush still 'building' this long after it started belongs to an accumulator that died mid-flush.
 STALE_BUILDING_S = 60.0
 _RECENT_FLUSHES = 50
@@ -79,7 +76,7 @@ class Context:
     scheduler: Scheduler
 
 
-# --- submit ---------------------------------------------------------------------------------------------------
+# --- submit -----------------------------------------------------------------------------------------------
 async def submit_flush(ctx: Context, fid: str, *, attempt: int = 1) -> str:
     """Create the batch of a sealed flush. Returns the batch id, or the flush's final state."""
     k = ctx.keys
@@ -90,7 +87,9 @@ async def submit_flush(ctx: Context, fid: str, *, attempt: int = 1) -> str:
     if state != "sealed" and state != "submitting":
         return state  # building (the reconciler seals it), submitted, failed, empty, done
     lock = k.create_lock
-    if not await ctx.redis.set(lock, fid, nx=True, px=int(_CREATE_LOCK_TTL_S * 1000)):
+    # The lock outlives the job's timeout: a live holder is never overtaken; a dead one frees it then.
+    lock_ms = int((ctx.settings.job_timeout_seconds + 30) * 1000)
+    if not await ctx.redis.set(lock, fid, nx=True, px=lock_ms):
         raise RetryLater(0.2 + random.random() * 0.5, "another create is in flight")
     try:
         if state == "submitting":
@@ -107,7 +106,8 @@ async def submit_flush(ctx: Context, fid: str, *, attempt: int = 1) -> str:
             return "empty"
         body = build_body((custom_id_for(rid, attempts).encode(), params) for rid, attempts, params in items)
         await ctx.redis.hset(
-            k.flush(fid), mapping={"state": "submitting", "intent": _now_ms(), "sent": len(items), "size": len(body)}
+            k.flush(fid),
+            mapping={"state": "submitting", "intent": _now_ms(), "sent": len(items), "size": len(body)},
         )
         metrics.API_REQUESTS.labels(op="create").inc()
         try:
@@ -116,12 +116,18 @@ async def submit_flush(ctx: Context, fid: str, *, attempt: int = 1) -> str:
                 cast_to=MessageBatch,
                 content=body,
                 # No SDK retries: a retried POST without an idempotency key can create the batch twice.
-                options={"max_retries": 0, "timeout": _CREATE_TIMEOUT_S, "headers": {"Content-Type": "application/json"}},
+                options={
+                    "max_retries": 0,
+                    "timeout": ctx.settings.job_timeout_seconds,
+                    "headers": {"Content-Type": "application/json"},
+                },
             )
         except anthropic.APIStatusError as exc:
             metrics.API_ERRORS.labels(op="create", kind=metrics.classify_api_error(exc)).inc()
             if _retryable_status(exc.status_code):
-                raise RetryLater(_retry_after(exc) or _backoff(attempt), f"create: HTTP {exc.status_code}") from exc
+                raise RetryLater(
+                    _retry_after(exc) or _backoff(attempt), f"create: HTTP {exc.status_code}"
+                ) from exc
             await _fail_flush(ctx, fid, items, exc)
             return "failed"
         except anthropic.APIConnectionError as exc:
@@ -186,8 +192,15 @@ async def _record_batch(
     n = int(flush.get("sent") or flush.get("n") or 0)
     trigger = flush.get("trigger", "age")
     summary = orjson.dumps(
-        {"fid": fid, "batch": batch.id, "requests": n, "bytes": int(flush.get("bytes", 0)), "trigger": trigger,
-         "at": _now_ms(), "adopted": adopted}
+        {
+            "fid": fid,
+            "batch": batch.id,
+            "requests": n,
+            "bytes": int(flush.get("bytes", 0)),
+            "trigger": trigger,
+            "at": _now_ms(),
+            "adopted": adopted,
+        }
     )
     async with ctx.redis.pipeline(transaction=True) as pipe:
         pipe.hset(k.flush(fid), mapping={"state": "submitted", "batch": batch.id})
@@ -200,7 +213,9 @@ async def _record_batch(
         await pipe.execute()
     metrics.BATCHES_CREATED.labels(trigger=trigger if trigger in ("count", "bytes", "age") else "age").inc()
     metrics.BATCH_REQUESTS.observe(n)
-    log_event(log, "batch.created", batch_id=batch.id, flush=fid, requests=n, trigger=trigger, adopted=adopted)
+    log_event(
+        log, "batch.created", batch_id=batch.id, flush=fid, requests=n, trigger=trigger, adopted=adopted
+    )
     await ctx.scheduler.poll(batch.id, ctx.settings.poll_min_seconds)
 
 
@@ -228,15 +243,22 @@ async def _fail_flush(
             for rid, attempts, _ in items[start : start + _DELIVER_CHUNK]
         ]
         await deliver_lines(ctx, lines, allow_retry=False)
-    await ctx.redis.hset(ctx.keys.flush(fid), mapping={"state": "failed", "error": f"{exc.status_code} {error_type}"})
+    await ctx.redis.hset(
+        ctx.keys.flush(fid), mapping={"state": "failed", "error": f"{exc.status_code} {error_type}"}
+    )
     await ctx.redis.zrem(ctx.keys.flushes, fid)
     log_event(
-        log, "batch.create_failed", flush=fid, requests=len(items), status=exc.status_code, error_type=error_type,
+        log,
+        "batch.create_failed",
+        flush=fid,
+        requests=len(items),
+        status=exc.status_code,
+        error_type=error_type,
         level=logging.ERROR,
     )
 
 
-# --- poll -----------------------------------------------------------------------------------------------------
+# --- poll -------------------------------------------------------------------------------------------------
 async def poll_batch(ctx: Context, batch_id: str, *, attempt: int = 1) -> str:
     """Check one open batch; when it has ended, fan its results out. Raises RetryLater until then."""
     k = ctx.keys
@@ -269,10 +291,10 @@ async def poll_batch(ctx: Context, batch_id: str, *, attempt: int = 1) -> str:
 def poll_delay(settings: Settings, polls: int) -> float:
     """From poll_min_seconds, doubling each poll, up to poll_max_seconds, with 10 % jitter."""
     base = min(settings.poll_max_seconds, settings.poll_min_seconds * 2 ** min(polls - 1, 30))
-    return base * (0.9 + 0.2 * random.random())
+    return float(base * (0.9 + 0.2 * random.random()))
 
 
-# --- fan-out --------------------------------------------------------------------------------------------------
+# --- fan-out ----------------------------------------------------------------------------------------------
 async def fanout_results(ctx: Context, batch_id: str, *, attempt: int = 1) -> str:
     """Stream the batch's results and deliver each line. Checkpointed every chunk; delivery is idempotent.
 
@@ -308,14 +330,18 @@ async def fanout_results(ctx: Context, batch_id: str, *, attempt: int = 1) -> st
         raise RetryLater(ctx.settings.poll_min_seconds, "results not visible yet") from exc
     except (anthropic.APIError, httpx2.HTTPError, OSError) as exc:
         metrics.API_ERRORS.labels(op="results", kind=metrics.classify_api_error(exc)).inc()
-        log.warning("results of %s broke off after line %d (%s); resuming", batch_id, lineno, type(exc).__name__)
+        log.warning(
+            "results of %s broke off after line %d (%s); resuming", batch_id, lineno, type(exc).__name__
+        )
         raise RetryLater(_backoff(attempt), "results stream broke off") from exc
 
     fid = record.get("fid", "")
     unanswered = await _unanswered(ctx, fid)
     if unanswered and resumed:
         await ctx.redis.hset(k.batch(batch_id), "cursor", 0)
-        raise RetryLater(0.0, f"{len(unanswered)} requests unanswered after a resumed download; reading all again")
+        raise RetryLater(
+            0.0, f"{len(unanswered)} requests unanswered after a resumed download; reading all again"
+        )
     if unanswered:
         log.warning("batch %s: %d requests had no results line; retrying them", batch_id, len(unanswered))
         lines = [
@@ -372,15 +398,22 @@ async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bo
                 rid, attempt = split_custom_id(obj["custom_id"])
                 validate_request_id(rid)
                 inner = result["error"]["error"]["type"] if rtype == "errored" else None
-            except Exception:  # noqa: BLE001 - any shape of bad line is skipped the same way
+            except Exception:
                 tally["malformed"] += 1
                 log.warning("skipping a malformed results line: %.200r", raw)
                 continue
             retry = allow_retry and (rtype == "expired" or inner in RETRYABLE_ERROR_TYPES)
             await ctx.scripts.deliver(  # queued in the pipeline; runs at execute()
                 keys=[k.request(rid), k.result(rid), k.intake, k.queue_stats],
-                args=[attempt, raw, "1" if retry else "0", settings.max_attempts, settings.result_ttl_seconds,
-                      k.delivered_channel, rid],
+                args=[
+                    attempt,
+                    raw,
+                    "1" if retry else "0",
+                    settings.max_attempts,
+                    settings.result_ttl_seconds,
+                    k.delivered_channel,
+                    rid,
+                ],
                 client=pipe,
             )
             parsed.append((rid, rtype, inner, result))
@@ -415,7 +448,7 @@ def _retry_reason(rtype: str, inner: str | None) -> str:
     return inner if inner in RETRYABLE_ERROR_TYPES else "other"
 
 
-# --- reconcile ------------------------------------------------------------------------------------------------
+# --- reconcile --------------------------------------------------------------------------------------------
 async def reconcile(ctx: Context) -> dict[str, int]:
     """Upkeep, safe to run anywhere and often: seal abandoned flushes, and make sure every sealed flush
     has a submit job and every open batch a poll job (the job ids make re-enqueueing a no-op)."""
@@ -446,7 +479,7 @@ async def reconcile(ctx: Context) -> dict[str, int]:
     return counts
 
 
-# --- helpers --------------------------------------------------------------------------------------------------
+# --- helpers ----------------------------------------------------------------------------------------------
 def _retryable_status(status: int) -> bool:
     return status in _RETRYABLE_STATUS or status >= 500
 
@@ -460,7 +493,7 @@ def _retry_after(exc: anthropic.APIStatusError) -> float | None:
 
 
 def _backoff(attempt: int) -> float:
-    return min(60.0, 0.5 * 2 ** min(attempt - 1, 10)) * (0.75 + 0.5 * random.random())
+    return float(min(60.0, 0.5 * 2 ** min(attempt - 1, 10)) * (0.75 + 0.5 * random.random()))
 
 
 async def _hgetall(redis: Any, key: str) -> dict[str, str]:

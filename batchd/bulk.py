@@ -54,7 +54,10 @@ async def submit_file(
         raise InvalidRequest(f"{path}: {exc}") from None
     total = len(ids)
     if not wait:
-        print(f"queued {total} requests from {path}; run again with --wait to collect the results", file=progress)
+        print(
+            f"queued {total} requests from {path}; run again with --wait to collect the results",
+            file=progress,
+        )
         return 0
     done = 0
     counts: dict[str, int] = {}

@@ -36,29 +36,44 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("run", parents=[common], help="run the daemon (one replica)",
-                   description="Run one daemon replica: accumulate, submit, poll, answer. "
-                   "Settings from BATCHD_* / --config. Stops on SIGTERM within the grace period.")
+    sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the daemon (one replica)",
+        description="Run one daemon replica: accumulate, submit, poll, answer. "
+        "Settings from BATCHD_* / --config. Stops on SIGTERM within the grace period.",
+    )
 
-    demo = sub.add_parser("demo", parents=[common], help="the whole path on this machine, then a report",
-                          description="Start Redis (unless named) and the emulator (unless an API key and "
-                          "base URL are configured), run the daemon in-process, send requests from many "
-                          "concurrent callers, and report batches, answers, latency and cost.")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="the whole path on this machine, then a report",
+        description="Start Redis (unless named) and the emulator (unless an API key and "
+        "base URL are configured), run the daemon in-process, send requests from many "
+        "concurrent callers, and report batches, answers, latency and cost.",
+    )
     demo.add_argument("--redis-url", help="use this Redis instead of a private one")
     demo.add_argument("--requests", type=int, default=300, help="how many requests (default: %(default)s)")
 
-    emulator = sub.add_parser("emulator", help="run the Message Batches API emulator",
-                              description="An HTTP emulator of the Anthropic Message Batches API (and POST "
-                              "/v1/messages) for the unchanged SDK (base_url=http://HOST:PORT). Fault knobs "
-                              "below can also be changed at run time: POST /_emulator/config with JSON.")
+    emulator = sub.add_parser(
+        "emulator",
+        help="run the Message Batches API emulator",
+        description="An HTTP emulator of the Anthropic Message Batches API (and POST "
+        "/v1/messages) for the unchanged SDK (base_url=http://HOST:PORT). Fault knobs "
+        "below can also be changed at run time: POST /_emulator/config with JSON.",
+    )
     from .emulator.cli import add_arguments as add_emulator_arguments
 
     add_emulator_arguments(emulator)
     emulator.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    submit = sub.add_parser("submit", parents=[common], help="queue a JSONL file of batch requests",
-                            description="Queue each line {custom_id, params} (the Batches request shape); "
-                            "custom_id becomes the request id, so running the same file again is idempotent.")
+    submit = sub.add_parser(
+        "submit",
+        parents=[common],
+        help="queue a JSONL file of batch requests",
+        description="Queue each line {custom_id, params} (the Batches request shape); "
+        "custom_id becomes the request id, so running the same file again is idempotent.",
+    )
     submit.add_argument("file", type=Path, help="JSONL file")
     submit.add_argument("--out", type=Path, help="write results (the Batches results shape) here, not stdout")
     submit.add_argument("--wait", action="store_true", help="wait for every answer, with a progress bar")
@@ -95,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_FAILURE, debug)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - the promise is one line, not a traceback
+    except Exception as exc:
         return _fail(exc, EXIT_FAILURE, debug, prefix=type(exc).__name__ + ": ")
 
 
@@ -159,7 +174,10 @@ async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     if removed:
         print(f"{args.request_id}: removed from the queue; it will not be sent")
     else:
-        print(f"{args.request_id}: already in a batch or answered; its caller gets 'canceled' unless it had an answer")
+        print(
+            f"{args.request_id}: already in a batch or answered; "
+            "its caller gets 'canceled' unless it already had an answer"
+        )
     return EXIT_OK
 
 

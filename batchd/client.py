@@ -103,7 +103,7 @@ class AsyncClient:
         if self._owns_redis:
             await self._redis.aclose()
 
-    # --- submit -------------------------------------------------------------------------------------------
+    # --- submit --------------------------------------------------------------------------------------------
     async def submit(
         self, params: Mapping[str, Any], request_id: str | None = None, *, wait: float = 0.0
     ) -> str:
@@ -126,7 +126,9 @@ class AsyncClient:
         if the queue fills part-way, QueueFull is raised and ``exc.accepted`` holds the ids that were queued.
         """
         encoded = [
-            encode_params(p, max_batch_bytes=self.settings.max_batch_bytes, max_attempts=self.settings.max_attempts)
+            encode_params(
+                p, max_batch_bytes=self.settings.max_batch_bytes, max_attempts=self.settings.max_attempts
+            )
             for p in params_list
         ]
         if request_ids is None:
@@ -138,20 +140,22 @@ class AsyncClient:
         deadline = time.monotonic() + wait
         accepted: list[str] = []
         for start in range(0, len(rids), _SUBMIT_CHUNK):
-            chunk = list(zip(rids[start : start + _SUBMIT_CHUNK], encoded[start : start + _SUBMIT_CHUNK], strict=True))
+            chunk = list(
+                zip(rids[start : start + _SUBMIT_CHUNK], encoded[start : start + _SUBMIT_CHUNK], strict=True)
+            )
             backoff = 0.05
             while True:
                 status = await self._enqueue(chunk)
                 if status is not None:
                     break
                 if time.monotonic() + backoff > deadline:
-                    exc = QueueFull(
-                        f"batchd queue is full (BATCHD_MAX_QUEUED_REQUESTS={self.settings.max_queued_requests}, "
-                        f"BATCHD_MAX_QUEUED_BYTES={self.settings.max_queued_bytes}); "
-                        f"{len(accepted)} of {len(rids)} requests were queued"
+                    cfg = self.settings
+                    raise QueueFull(
+                        f"batchd queue is full (BATCHD_MAX_QUEUED_REQUESTS={cfg.max_queued_requests}, "
+                        f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}); "
+                        f"{len(accepted)} of {len(rids)} requests were queued",
+                        accepted,
                     )
-                    exc.accepted = accepted  # type: ignore[attr-defined]
-                    raise exc
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             accepted.extend(rid for rid, _ in chunk)
@@ -173,8 +177,10 @@ class AsyncClient:
             return None
         return [int(s) for s in status]
 
-    # --- results ------------------------------------------------------------------------------------------
-    async def result(self, request_id: str, timeout: float | None = _DEFAULT_RESULT_TIMEOUT) -> MessageBatchResult:
+    # --- results -------------------------------------------------------------------------------------------
+    async def result(
+        self, request_id: str, timeout: float | None = _DEFAULT_RESULT_TIMEOUT
+    ) -> MessageBatchResult:
         """Wait for the request's result (succeeded, errored, canceled or expired).
 
         Raises ResultTimeout if ``timeout`` passes first (the request stays in flight), RequestNotFound for an
@@ -377,4 +383,3 @@ class Messages:
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
-

@@ -88,8 +88,13 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         s = self.settings
-        log_event(log, "daemon.starting", consumer=self.consumer, redis=redact_url(s.redis_url),
-                  api=s.anthropic_base_url or "https://api.anthropic.com")
+        log_event(
+            log,
+            "daemon.starting",
+            consumer=self.consumer,
+            redis=redact_url(s.redis_url),
+            api=s.anthropic_base_url or "https://api.anthropic.com",
+        )
         server = await metrics.start_http_server(s.metrics_host, s.metrics_port, self.health)
         self.metrics_port = server.port
         self.health.add_check("redis", self.redis.ping)
@@ -120,7 +125,9 @@ class Daemon:
         worker_box: list[Any] = []
 
         async def run_worker() -> None:
-            worker = jobs.build_worker(context, arq_pool, queue_name=self.keys.arq_queue)
+            worker = jobs.build_worker(
+                context, arq_pool, queue_name=self.keys.arq_queue, job_timeout=s.job_timeout_seconds
+            )
             worker_box[:] = [worker]
             await worker.async_run()
 
@@ -162,8 +169,11 @@ class Daemon:
             if running:
                 _done, late = await asyncio.wait(running, timeout=grace)
                 if late:
-                    log.warning("%d jobs still running after %.0fs; cancelling (they re-run elsewhere)",
-                                len(late), grace)
+                    log.warning(
+                        "%d jobs still running after %.0fs; cancelling (they re-run elsewhere)",
+                        len(late),
+                        grace,
+                    )
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -200,7 +210,9 @@ class Daemon:
         while not self.stop_event.is_set():
             now_ms = int(time.time() * 1000)
             await self.redis.zadd(k.replicas, {self.consumer: now_ms})
-            leader = await self.scripts.lease(keys=[k.metrics_leader], args=[self.consumer, _LEASE_MS], client=self.redis)
+            leader = await self.scripts.lease(
+                keys=[k.metrics_leader], args=[self.consumer, _LEASE_MS], client=self.redis
+            )
             if leader:
                 metrics.queue_gauges.update(await self.snapshot(now_ms))
             elif was_leader:
@@ -216,7 +228,7 @@ class Daemon:
     async def snapshot(self, now_ms: int) -> metrics.QueueSnapshot:
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(k.queue_stats, "n", "bytes")
+            pipe.hmget(k.queue_stats, ["n", "bytes"])
             pipe.xrange(k.intake, "-", "+", count=1)
             pipe.zcard(k.open_batches)
             pipe.zcount(k.replicas, now_ms - int(DEAD_AFTER_S * 1000), "+inf")

@@ -30,7 +30,7 @@ from pydantic import SecretStr
 from . import pricing
 from .client import AsyncClient
 from .daemon import Daemon
-from .errors import RequestFailed, RequestErrored
+from .errors import RequestErrored, RequestFailed
 from .settings import Settings, load_settings
 
 __all__ = ["run_demo"]
@@ -137,13 +137,17 @@ async def _drive(settings: Settings, total: int, out: IO[str]) -> int:
             tail = max(1, total // 6)
             short = max(0, total - long_n - tail)
             waves = [("short", short), ("long", long_n), ("short", tail)]
-            print(f"\nsending {total} requests from {total} concurrent callers "
-                  f"({short} short, {long_n} long, then {tail} stragglers), models {', '.join(MODELS)}", file=out)
+            print(
+                f"\nsending {total} requests from {total} concurrent callers "
+                f"({short} short, {long_n} long, then {tail} stragglers), models {', '.join(MODELS)}",
+                file=out,
+            )
             n = 0
             for kind, count in waves:
                 await asyncio.gather(*(_call(client, n + i, kind, tally) for i in range(count)))
                 n += count
-            recent = [orjson.loads(r) for r in await daemon.redis.lrange(daemon.keys.recent_flushes, 0, -1)]
+            raw = await daemon.redis.lrange(daemon.keys.recent_flushes, 0, -1)  # type: ignore[misc]
+            recent = [orjson.loads(r) for r in raw]
     finally:
         daemon.stop()
         await runner
@@ -185,8 +189,10 @@ async def _call(client: AsyncClient, n: int, kind: str, tally: _Tally) -> None:
 def _report(out: IO[str], tally: _Tally, flushes: list[dict[str, Any]], elapsed: float) -> None:
     print(f"\nbatches ({len(flushes)}):", file=out)
     for f in flushes:
-        print(f"  {f['batch']}  {f['requests']:>4} requests  {f['bytes']:>7} bytes  flushed by {f['trigger']}",
-              file=out)
+        print(
+            f"  {f['batch']}  {f['requests']:>4} requests  {f['bytes']:>7} bytes  flushed by {f['trigger']}",
+            file=out,
+        )
     by_trigger = Counter(f["trigger"] for f in flushes)
     print("  triggers: " + ", ".join(f"{k} {v}" for k, v in sorted(by_trigger.items())), file=out)
     answers = ", ".join(f"{k} {v}" for k, v in sorted(tally.answers.items()))
@@ -198,10 +204,16 @@ def _report(out: IO[str], tally: _Tally, flushes: list[dict[str, Any]], elapsed:
     lat = sorted(tally.latencies)
     if lat:
         p95 = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
-        print(f"latency, call to answer: median {statistics.median(lat):.2f}s, p95 {p95:.2f}s, "
-              f"max {lat[-1]:.2f}s (batches wait up to max_batch_age_seconds to fill)", file=out)
+        print(
+            f"latency, call to answer: median {statistics.median(lat):.2f}s, p95 {p95:.2f}s, "
+            f"max {lat[-1]:.2f}s (batches wait up to max_batch_age_seconds to fill)",
+            file=out,
+        )
     if tally.standard_cost:
         saved = tally.standard_cost - tally.batch_cost
-        print(f"cost of these tokens: ${tally.standard_cost:.6f} at standard price, ${tally.batch_cost:.6f} at "
-              f"batch price: saved ${saved:.6f} ({saved / tally.standard_cost:.0%})", file=out)
+        print(
+            f"cost of these tokens: ${tally.standard_cost:.6f} at standard price, ${tally.batch_cost:.6f} at "
+            f"batch price: saved ${saved:.6f} ({saved / tally.standard_cost:.0%})",
+            file=out,
+        )
     print(f"done in {elapsed:.1f}s", file=out)

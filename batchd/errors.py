@@ -1,19 +1,19 @@
 """batchd's exceptions: one small tree, so callers can catch as broadly or narrowly as they need.
 
-    BatchdError
-    ├── ConfigError              a setting is missing or invalid (the CLI exits 2)
-    ├── InvalidRequest           refused at submit; nothing was written
-    │   ├── InvalidParams        not a mapping, missing model/max_tokens/messages, stream, not JSON
-    │   ├── InvalidRequestId     outside [A-Za-z0-9_-]{1,60}
-    │   └── RequestTooLarge      bigger than one batch may hold
-    ├── QueueFull                backpressure: the queue cap was reached (and the wait, if any, ran out)
-    ├── RedisUnavailable         Redis could not be reached or refused the write (e.g. out of memory)
-    ├── RequestNotFound          no such request id (never submitted, or its result expired)
-    ├── ResultTimeout            the caller's wait ended first; the answer can be collected later by id
-    └── RequestFailed            the request ended without a message
-        ├── RequestErrored       the API answered with an error (error_type, message)
-        ├── RequestCanceled      canceled before it was processed
-        └── RequestExpired       the API did not process it in time, on every attempt
+BatchdError
+├── ConfigError              a setting is missing or invalid (the CLI exits 2)
+├── InvalidRequest           refused at submit; nothing was written
+│   ├── InvalidParams        not a mapping, missing model/max_tokens/messages, stream, not JSON
+│   ├── InvalidRequestId     outside [A-Za-z0-9_-]{1,60}
+│   └── RequestTooLarge      bigger than one batch may hold
+├── QueueFull                backpressure: the queue cap was reached (and the wait, if any, ran out)
+├── RedisUnavailable         Redis could not be reached or refused the write (e.g. out of memory)
+├── RequestNotFound          no such request id (never submitted, or its result expired)
+├── ResultTimeout            the caller's wait ended first; the answer can be collected later by id
+└── RequestFailed            the request ended without a message
+    ├── RequestErrored       the API answered with an error (error_type, message)
+    ├── RequestCanceled      canceled before it was processed
+    └── RequestExpired       the API did not process it in time, on every attempt
 """
 
 from __future__ import annotations
@@ -61,7 +61,14 @@ class RequestTooLarge(InvalidRequest):
 
 
 class QueueFull(BatchdError):
-    """The intake queue is at its configured cap of requests or bytes."""
+    """The intake queue is at its configured cap of requests or bytes.
+
+    ``accepted`` lists the request ids that were queued before the cap was hit (submit_many).
+    """
+
+    def __init__(self, message: str, accepted: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.accepted = list(accepted or [])
 
 
 class RedisUnavailable(BatchdError):
@@ -87,7 +94,7 @@ class ResultTimeout(BatchdError):
 
 
 class RequestFailed(BatchdError):
-    """The request ended without a message. ``result_type`` is the batch result type."""
+    """The request ended without a message; ``result_type`` is the batch result type."""
 
     result_type: str = ""
 
@@ -97,7 +104,7 @@ class RequestFailed(BatchdError):
 
 
 class RequestErrored(RequestFailed):
-    """The API answered this request with an error; ``error_type`` is the API's (e.g. invalid_request_error)."""
+    """The API answered with an error; ``error_type`` is the API's own (e.g. invalid_request_error)."""
 
     result_type = "errored"
 

@@ -38,7 +38,9 @@ def _loads(data: bytes) -> Any:
 
 def connect(redis_url: str, queue_name: str) -> ArqRedis:
     return ArqRedis(
-        ConnectionPool.from_url(redis_url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=15),
+        ConnectionPool.from_url(
+            redis_url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=15
+        ),
         job_serializer=_dumps,
         job_deserializer=_loads,
         default_queue_name=queue_name,
@@ -105,7 +107,7 @@ def build_worker(
     ]
     seconds = set(range(0, 60, max(1, reconcile_every_s)))
     return Worker(
-        functions,  # type: ignore[arg-type]
+        functions,
         cron_jobs=[cron(_reconcile, name="reconcile", second=seconds, run_at_startup=True, timeout=60)],
         redis_pool=pool,
         queue_name=queue_name,

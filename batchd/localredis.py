@@ -153,7 +153,7 @@ class RedisServer:
     # --- helpers ------------------------------------------------------------------------------------------
     def client(self, **kwargs: object) -> redis.Redis:
         """A sync client to this server (caller closes it)."""
-        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5, **kwargs)  # type: ignore[arg-type]
+        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
 
     def config_set(self, name: str, value: str | int) -> None:
         with self.client() as client:

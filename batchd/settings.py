@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # Longest run of one job (a create upload, a results fan-out). A replica killed mid-job leaves the job
+    # to be re-run after this (plus 10 s), so it also bounds recovery time after a crash.
+    job_timeout_seconds: float = Field(default=300.0, ge=5)
 
     @model_validator(mode="after")
     def _poll_range(self) -> Settings:

@@ -39,13 +39,17 @@ async def collect_status(redis: Any, keys: Keys, *, dead_after_s: float = 10.0) 
     replicas = []
     for name, score in await redis.zrange(keys.replicas, 0, -1, withscores=True):
         age = (now_ms - int(score)) / 1000
-        replicas.append({"name": _text(name), "last_seen_seconds": round(age, 1), "alive": age < dead_after_s})
+        replicas.append(
+            {"name": _text(name), "last_seen_seconds": round(age, 1), "alive": age < dead_after_s}
+        )
     pending_flushes = await redis.zcard(keys.flushes)
     group_pending = 0
     try:
         groups = await redis.xinfo_groups(keys.intake)
-        group_pending = sum(int(g.get("pending", 0)) for g in groups if _text(g.get("name")) == CONSUMER_GROUP)
-    except Exception:  # noqa: BLE001 - no stream yet: nothing pending
+        group_pending = sum(
+            int(g.get("pending", 0)) for g in groups if _text(g.get("name")) == CONSUMER_GROUP
+        )
+    except Exception:
         group_pending = 0
     return {
         "queue": {
@@ -71,11 +75,15 @@ def format_status(status: dict[str, Any]) -> str:
         f"open batches:  {status['open_batches']['count']}",
     ]
     for b in status["open_batches"]["batches"]:
-        lines.append(f"  {b['batch_id']}  {b['requests']} requests  age {b['age_seconds']}s  polls {b['polls']}")
+        lines.append(
+            f"  {b['batch_id']}  {b['requests']} requests  age {b['age_seconds']}s  polls {b['polls']}"
+        )
     lines.append(f"recent flushes ({len(status['recent_flushes'])}):")
     for f in status["recent_flushes"]:
         at = time.strftime("%H:%M:%S", time.localtime(f["at"] / 1000))
-        lines.append(f"  {at}  {f['batch']}  {f['requests']} requests  {f['bytes']} bytes  trigger={f['trigger']}")
+        lines.append(
+            f"  {at}  {f['batch']}  {f['requests']} requests  {f['bytes']} bytes  trigger={f['trigger']}"
+        )
     lines.append(f"replicas ({sum(r['alive'] for r in status['replicas'])} alive):")
     for r in status["replicas"]:
         state = "alive" if r["alive"] else "stopped"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping
+
 import orjson
 
 from .batchbody import EMPTY_BODY_SIZE, item_size
@@ -15,7 +16,7 @@ __all__ = ["MAX_REQUEST_ID_LEN", "encode_params", "new_request_id", "validate_re
 
 # custom_id allows 64 characters; batchd appends "-<attempt>" (up to 3 characters with max_attempts <= 20).
 MAX_REQUEST_ID_LEN = 60
-_RID_RE = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_REQUEST_ID_LEN)
+_RID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_REQUEST_ID_LEN}}}")
 _REQUIRED = ("model", "max_tokens", "messages")
 
 
@@ -35,7 +36,9 @@ def validate_request_id(request_id: object) -> str:
 def encode_params(params: object, *, max_batch_bytes: int, max_attempts: int = 3) -> bytes:
     """Validate Messages create params and return them as compact JSON bytes (stored and sent as they are)."""
     if not isinstance(params, Mapping):
-        raise InvalidParams(f"params must be a mapping of Messages create arguments, not {type(params).__name__}")
+        raise InvalidParams(
+            f"params must be a mapping of Messages create arguments, not {type(params).__name__}"
+        )
     missing = [name for name in _REQUIRED if name not in params]
     if missing:
         raise InvalidParams(f"params lack required field(s): {', '.join(missing)}")
@@ -46,11 +49,12 @@ def encode_params(params: object, *, max_batch_bytes: int, max_attempts: int = 3
     except TypeError as exc:
         raise InvalidParams(f"params do not serialise to JSON: {exc}") from None
     # The largest custom id this request can have is on its last attempt.
-    largest = EMPTY_BODY_SIZE + item_size(len(custom_id_for("x" * MAX_REQUEST_ID_LEN, max_attempts)), len(body))
+    largest = EMPTY_BODY_SIZE + item_size(
+        len(custom_id_for("x" * MAX_REQUEST_ID_LEN, max_attempts)), len(body)
+    )
     if largest > max_batch_bytes:
         raise RequestTooLarge(
             f"request is {len(body)} bytes; a batch may hold at most {max_batch_bytes} bytes "
             "(BATCHD_MAX_BATCH_BYTES) including the envelope"
         )
     return body
-

@@ -100,7 +100,9 @@ class ResultWaiter:
                         next_sweep = loop.time() + self._sweep_seconds
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 self._subscribed.clear()
-                log.warning("result listener lost Redis (%s); reconnecting in %.1fs", type(exc).__name__, backoff)
+                log.warning(
+                    "result listener lost Redis (%s); reconnecting in %.1fs", type(exc).__name__, backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

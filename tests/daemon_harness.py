@@ -27,7 +27,9 @@ async def running_daemon(settings: Settings, *, consumer: str = "test-replica") 
         assert await asyncio.wait_for(task, 60) == 0
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, interval: float = 0.02) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, interval: float = 0.02
+) -> None:
     """Poll ``check`` until it is true; fail the test with a clear message at the deadline."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

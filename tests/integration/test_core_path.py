@@ -115,14 +115,13 @@ async def test_a_caller_that_was_not_waiting_collects_later_from_a_new_client(
     make_settings: Callable[..., Settings], emulator: Any
 ) -> None:
     settings = make_settings(emulator=True, max_batch_age_seconds=0.2)
-    async with running_daemon(settings):
-        async with AsyncClient(settings=settings) as producer:
-            rid = await producer.submit(params("fire and forget"))
+    async with running_daemon(settings), AsyncClient(settings=settings) as producer:
+        rid = await producer.submit(params("fire and forget"))
 
-            async def answered() -> bool:
-                return bool(await producer.redis.exists(producer.keys.result(rid)))
+        async def answered() -> bool:
+            return bool(await producer.redis.exists(producer.keys.result(rid)))
 
-            await eventually(answered)
+        await eventually(answered)
     # A different process would do exactly this: a new client, the id, and the answer.
     with Client(settings=settings) as later:
         result = later.result(rid, timeout=5)
@@ -134,14 +133,19 @@ async def test_a_request_id_given_twice_is_one_request_and_one_answer(
     make_settings: Callable[..., Settings], emulator: Any
 ) -> None:
     settings = make_settings(emulator=True, max_batch_age_seconds=0.2)
-    async with running_daemon(settings):
-        async with AsyncClient(settings=settings) as a, AsyncClient(settings=settings) as b:
-            assert await a.submit(params("once"), request_id="order-42") == "order-42"
-            assert await b.submit(params("once"), request_id="order-42") == "order-42"
-            first, second = await asyncio.gather(a.result("order-42", timeout=30), b.result("order-42", timeout=30))
-            # After the answer, the same id is still one request: nothing new is queued.
-            assert await a.submit(params("once"), request_id="order-42") == "order-42"
-            assert await a.redis.xlen(a.keys.intake) == 0
+    async with (
+        running_daemon(settings),
+        AsyncClient(settings=settings) as a,
+        AsyncClient(settings=settings) as b,
+    ):
+        assert await a.submit(params("once"), request_id="order-42") == "order-42"
+        assert await b.submit(params("once"), request_id="order-42") == "order-42"
+        first, second = await asyncio.gather(
+            a.result("order-42", timeout=30), b.result("order-42", timeout=30)
+        )
+        # After the answer, the same id is still one request: nothing new is queued.
+        assert await a.submit(params("once"), request_id="order-42") == "order-42"
+        assert await a.redis.xlen(a.keys.intake) == 0
     assert first.type == second.type == "succeeded"
     assert first.message.id == second.message.id  # type: ignore[union-attr]
     assert emulator.stats()["requests_received"] == 1
@@ -231,7 +235,9 @@ def test_sync_client_round_trip(make_settings: Callable[..., Settings], emulator
     try:
         with Client(settings=settings) as client:
             message = client.messages.create(
-                model=MODELS[2], max_tokens=8, messages=[{"role": "user", "content": [{"type": "text", "text": "s"}]}]
+                model=MODELS[2],
+                max_tokens=8,
+                messages=[{"role": "user", "content": [{"type": "text", "text": "s"}]}],
             )
         assert message.content[0].text == "echo: s"  # type: ignore[union-attr]
     finally:

@@ -33,6 +33,8 @@ FLUSH_CHUNK = 5000
 _READ_COUNT = 1000
 # Longest XREADGROUP block: bounds how late a stop request or a claim check is noticed.
 _MAX_BLOCK_S = 1.0
+# A consumer that has not touched the stream for this long (and has no fresh heartbeat) is gone.
+_CONSUMER_IDLE_MS = 3000
 
 
 @dataclass(slots=True)
@@ -164,6 +166,10 @@ class Accumulator:
                 continue
             last = heartbeats.get(name)
             if last is not None and now - last < self.dead_after_ms:
+                continue
+            # No (fresh) heartbeat. A live consumer also touches the stream at least every block (1 s), so
+            # require it to be idle too: a replica that started reading before its first heartbeat is safe.
+            if int(info.get("idle", 0)) < _CONSUMER_IDLE_MS:
                 continue
             if int(info.get("pending", 0)) == 0:
                 if last is None or now - last > 10 * self.dead_after_ms:

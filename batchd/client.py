@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from anthropic.types import Message
 from anthropic.types.messages import MessageBatchIndividualResponse, MessageBatchResult
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import (
@@ -68,18 +68,26 @@ class AsyncClient:
         redis: aioredis.Redis | None = None,
         key_prefix: str | None = None,
         socket_timeout: float = 10.0,
+        max_connections: int = 8,
     ) -> None:
         if settings is None:
             settings = load_settings(**({"redis_url": redis_url} if redis_url else {}))
         self.settings = settings
         self.keys = Keys(key_prefix or settings.key_prefix)
         self._owns_redis = redis is None
-        self._redis: aioredis.Redis = redis or aioredis.Redis.from_url(
-            redis_url or settings.redis_url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            health_check_interval=30,
-        )
+        if redis is None:
+            # Bounded: thousands of concurrent calls queue for a few connections instead of opening
+            # one each (one of them is the waiters' shared pub/sub connection).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                redis_url or settings.redis_url,
+                max_connections=max(2, max_connections),
+                timeout=socket_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                health_check_interval=30,
+            )
+            redis = aioredis.Redis(connection_pool=pool)
+        self._redis: aioredis.Redis = redis
         self._scripts = Scripts.register(self._redis)
         self._waiter = ResultWaiter(self._redis, self.keys)
         self.messages = AsyncMessages(self)
@@ -101,7 +109,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._waiter.close()
         if self._owns_redis:
-            await self._redis.aclose()
+            await self._redis.aclose(close_connection_pool=True)
 
     # --- submit --------------------------------------------------------------------------------------------
     async def submit(
@@ -291,11 +299,11 @@ async def _redis_errors() -> AsyncIterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise RedisUnavailable(f"Redis is unreachable: {exc}") from exc
+    except OutOfMemoryError as exc:
+        raise RedisUnavailable(
+            "Redis is out of memory (maxmemory reached with noeviction); nothing was written"
+        ) from exc
     except ResponseError as exc:
-        if str(exc).startswith("OOM"):
-            raise RedisUnavailable(
-                "Redis is out of memory (maxmemory reached with noeviction); nothing was written"
-            ) from exc
         raise RedisUnavailable(f"Redis refused the command: {exc}") from exc
     except RedisError as exc:
         raise RedisUnavailable(f"Redis error: {exc}") from exc

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -48,7 +48,8 @@ class _SecretsDirSource(PydanticBaseSettingsSource):
             for candidate in (name, f"batchd_{name}", name.upper(), f"BATCHD_{name.upper()}"):
                 path = Path(directory) / candidate
                 if path.is_file():
-                    found[name] = path.read_text(encoding="utf-8").strip()
+                    # Under the alias the env source uses too, so the two merge instead of clashing.
+                    found[f"BATCHD_{name.upper()}"] = path.read_text(encoding="utf-8").strip()
                     break
         return found
 
@@ -95,11 +96,13 @@ class Settings(BaseSettings):
     # to be re-run after this (plus 10 s), so it also bounds recovery time after a crash.
     job_timeout_seconds: float = Field(default=300.0, ge=5)
 
-    @model_validator(mode="after")
-    def _poll_range(self) -> Settings:
-        if self.poll_max_seconds < self.poll_min_seconds:
-            raise ValueError("poll_max_seconds must be >= poll_min_seconds")
-        return self
+    @field_validator("poll_max_seconds")
+    @classmethod
+    def _poll_range(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("poll_min_seconds")
+        if low is not None and value < low:
+            raise ValueError(f"must be >= poll_min_seconds ({low:g})")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -165,6 +168,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = tuple(first.get("loc", ()))
+        if first.get("type") == "extra_forbidden" and loc:
+            raise ConfigError(f"unknown setting {loc[0]!r} (see config/batchd.example.toml)") from None
         name = _env_name(loc) if loc else "settings"
         raise ConfigError(f"{name}: {first.get('msg', 'invalid value')}") from None
     except (ValueError, OSError) as exc:  # e.g. a TOML syntax error

@@ -1,0 +1,668 @@
+"""AsyncClient and Client against a real (private) redis-server.
+
+The daemon's half of the protocol is played by hand with the same Lua scripts the daemon runs: read the
+intake stream as the consumer group, commit_flush + seal_flush, then deliver a results line. That keeps
+these tests about the client: what it writes, how it waits, and what it raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import anthropic
+import anthropic.types
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+from anthropic.types.messages import (
+    MessageBatchCanceledResult,
+    MessageBatchErroredResult,
+    MessageBatchSucceededResult,
+)
+from redis.exceptions import ResponseError
+
+from batchd import (
+    AsyncClient,
+    Client,
+    InvalidParams,
+    InvalidRequest,
+    InvalidRequestId,
+    RequestCanceled,
+    RequestErrored,
+    RequestExpired,
+    RequestNotFound,
+    RequestTooLarge,
+    ResultTimeout,
+)
+from batchd.keys import CONSUMER_GROUP, Keys, custom_id_for
+from batchd.scripts import Scripts
+from batchd.settings import Settings
+
+K = Keys()
+TTL = 3600
+# Above this the waiter's periodic sweep (5 s) could be what answered, not the pub/sub wake-up.
+WAKE_UP_BOUND = 2.0
+
+Result = dict[str, Any]
+Responder = Callable[[dict[str, Any]], Result]
+
+
+def params(text: str = "hello") -> dict[str, Any]:
+    return {"model": "claude-x", "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
+
+
+def succeeded(text: str = "hi there") -> Result:
+    return {
+        "type": "succeeded",
+        "message": {
+            "id": "msg_01",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 2},
+        },
+    }
+
+
+def errored(error_type: str = "invalid_request_error", message: str = "max_tokens: too large") -> Result:
+    return {"type": "errored", "error": {"type": "error", "error": {"type": error_type, "message": message}}}
+
+
+def echo(request: dict[str, Any]) -> Result:
+    """A responder that proves the answer belongs to the request: it echoes the user's text."""
+    return succeeded("echo: " + request["messages"][0]["content"])
+
+
+# --- the daemon's side, by hand --------------------------------------------------------------------------
+class DaemonDouble:
+    """Flush and deliver with the real Lua scripts (async redis)."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+        self.scripts = Scripts.register(r)
+        self._flushes = 0
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.r.xgroup_create(K.intake, CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def flush(self, block_ms: int | None = None) -> list[str]:
+        """Move every new intake entry into one sealed flush; returns the rids moved (in order)."""
+        await self._ensure_group()
+        reply = await self.r.xreadgroup(CONSUMER_GROUP, "double", {K.intake: ">"}, block=block_ms)
+        entries = [(eid.decode(), f[b"rid"].decode()) for eid, f in reply[0][1]] if reply else []
+        if not entries:
+            return []
+        self._flushes += 1
+        fid = f"f{self._flushes}"
+        for start in range(0, len(entries), 5000):
+            chunk = entries[start : start + 5000]
+            keys = [K.intake, K.queue_stats, K.flush(fid), K.flush_rids(fid), K.flushes]
+            keys += [K.request(rid) for _, rid in chunk]
+            args: list[Any] = [CONSUMER_GROUP, fid, int(time.time() * 1000)]
+            for eid, rid in chunk:
+                args += [eid, rid]
+            await self.scripts.commit_flush(keys=keys, args=args)
+        await self.scripts.seal_flush(
+            keys=[K.flush(fid), K.flushes, K.flush_rids(fid)], args=[fid, "count", int(time.time() * 1000)]
+        )
+        return [rid for _, rid in entries]
+
+    async def deliver(self, rid: str, result: Result, attempt: int = 1) -> int:
+        line = orjson.dumps({"custom_id": custom_id_for(rid, attempt), "result": result})
+        reply = await self.scripts.deliver(
+            keys=[K.request(rid), K.result(rid), K.intake, K.queue_stats],
+            args=[attempt, line, "0", 3, TTL, K.delivered_channel, rid],
+        )
+        return int(reply[0])
+
+    async def answer_next(self, respond: Responder, within: float = 10.0) -> list[str]:
+        """Wait for submitted requests, flush them, and answer each with ``respond(params)``."""
+        async with asyncio.timeout(within):
+            rids: list[str] = []
+            while not rids:
+                rids = await self.flush(block_ms=100)
+        for rid in rids:
+            body = await self.r.hget(K.request(rid), "body")
+            assert body is not None
+            assert await self.deliver(rid, respond(orjson.loads(body))) == 1
+        return rids
+
+
+class SyncDaemonDouble:
+    """The same, for tests of the sync Client (run in the test thread or a helper thread)."""
+
+    def __init__(self, url: str) -> None:
+        self.r = redis.Redis.from_url(url)
+        self.scripts = Scripts.register(self.r)
+
+    def close(self) -> None:
+        self.r.close()
+
+    def flush(self, block_ms: int | None = None) -> list[str]:
+        try:
+            self.r.xgroup_create(K.intake, CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        reply = self.r.xreadgroup(CONSUMER_GROUP, "double", {K.intake: ">"}, block=block_ms)
+        entries = [(eid.decode(), f[b"rid"].decode()) for eid, f in reply[0][1]] if reply else []
+        if not entries:
+            return []
+        keys = [K.intake, K.queue_stats, K.flush("s1"), K.flush_rids("s1"), K.flushes]
+        keys += [K.request(rid) for _, rid in entries]
+        args: list[Any] = [CONSUMER_GROUP, "s1", 0]
+        for eid, rid in entries:
+            args += [eid, rid]
+        self.scripts.commit_flush(keys=keys, args=args)
+        return [rid for _, rid in entries]
+
+    def deliver(self, rid: str, result: Result) -> int:
+        line = orjson.dumps({"custom_id": custom_id_for(rid, 1), "result": result})
+        reply = self.scripts.deliver(
+            keys=[K.request(rid), K.result(rid), K.intake, K.queue_stats],
+            args=[1, line, "0", 3, TTL, K.delivered_channel, rid],
+        )
+        return int(reply[0])
+
+    def answer_next(self, respond: Responder, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        rids: list[str] = []
+        while not rids:
+            assert time.monotonic() < deadline, "no request was submitted"
+            rids = self.flush(block_ms=100)
+        for rid in rids:
+            body = self.r.hget(K.request(rid), "body")
+            assert body is not None
+            assert self.deliver(rid, respond(orjson.loads(body))) == 1
+
+
+@pytest.fixture
+def daemon(aredis: aioredis.Redis) -> DaemonDouble:
+    return DaemonDouble(aredis)
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(result_ttl_seconds=TTL)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(settings=settings) as c:
+        yield c
+
+
+@pytest.fixture
+def sync_client(settings: Settings) -> Iterator[Client]:
+    with Client(settings=settings) as c:
+        yield c
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, within: float = 5.0) -> None:
+    """Poll an async predicate until it holds; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + within
+    while not await predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def listener_subscribed(r: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
+    """True once some client's result listener is subscribed to the delivered channel."""
+
+    async def check() -> bool:
+        reply = await r.pubsub_numsub(K.delivered_channel)
+        return int(reply[0][1]) > 0
+
+    return check
+
+
+# --- submit ----------------------------------------------------------------------------------------------
+async def test_submit_writes_the_request_and_one_stream_entry(
+    client: AsyncClient, aredis: aioredis.Redis
+) -> None:
+    p = params()
+    rid = await client.submit(p)
+
+    stored = await aredis.hgetall(K.request(rid))
+    assert stored[b"state"] == b"queued"
+    assert stored[b"attempts"] == b"1"
+    assert orjson.loads(stored[b"body"]) == p
+    entries = await aredis.xrange(K.intake)
+    assert [fields for _, fields in entries] == [
+        {b"rid": rid.encode(), b"cid": f"{rid}-1".encode(), b"n": str(len(stored[b"body"])).encode()}
+    ]
+    assert await aredis.hget(K.queue_stats, "n") == b"1"
+
+
+async def test_submit_many_returns_ids_in_order(client: AsyncClient, aredis: aioredis.Redis) -> None:
+    texts = [f"q{i}" for i in range(1200)]  # more than one enqueue chunk (500)
+    rids = await client.submit_many([params(t) for t in texts])
+
+    assert len(rids) == len(set(rids)) == len(texts)
+    assert await aredis.xlen(K.intake) == len(texts)
+    for rid, text in zip(rids[::97], texts[::97], strict=True):
+        body = await aredis.hget(K.request(rid), "body")
+        assert body is not None and orjson.loads(body) == params(text)
+    stream_rids = [f[b"rid"].decode() for _, f in await aredis.xrange(K.intake)]
+    assert stream_rids == rids
+
+
+async def test_submit_many_with_caller_ids(client: AsyncClient, aredis: aioredis.Redis) -> None:
+    assert await client.submit_many([params("a"), params("b")], ["id-a", "id-b"]) == ["id-a", "id-b"]
+    assert await aredis.exists(K.request("id-a"), K.request("id-b")) == 2
+
+
+async def test_same_request_id_twice_is_one_request(client: AsyncClient, aredis: aioredis.Redis) -> None:
+    assert await client.submit(params("first"), "order-42") == "order-42"
+    assert await client.submit(params("second"), "order-42") == "order-42"
+
+    assert await aredis.xlen(K.intake) == 1
+    body = await aredis.hget(K.request("order-42"), "body")
+    assert body is not None and orjson.loads(body) == params("first")
+    assert await aredis.hget(K.queue_stats, "n") == b"1"
+
+
+@pytest.mark.parametrize(
+    ("bad", "exc_type"),
+    [
+        ({"model": "claude-x", "max_tokens": 16}, InvalidParams),
+        ({**params(), "stream": True}, InvalidParams),
+        ({**params(), "metadata": object()}, InvalidParams),
+        ({**params(), "system": "s" * 2_000_000}, RequestTooLarge),
+    ],
+    ids=["missing-messages", "stream", "not-json", "too-large"],
+)
+async def test_invalid_params_write_nothing(
+    make_settings: Callable[..., Settings], aredis: aioredis.Redis, bad: dict[str, Any], exc_type: type
+) -> None:
+    async with AsyncClient(settings=make_settings(max_batch_bytes=1_000_000)) as client:
+        with pytest.raises(exc_type):
+            await client.submit(bad)
+        # One bad request in a batch refuses the whole batch before anything is written.
+        with pytest.raises(exc_type):
+            await client.submit_many([params("ok"), bad, params("ok too")])
+    assert await aredis.dbsize() == 0
+
+
+@pytest.mark.parametrize("rid", ["", "has space", "x" * 61, "dot.ted"])
+async def test_invalid_request_id_writes_nothing(
+    client: AsyncClient, aredis: aioredis.Redis, rid: str
+) -> None:
+    with pytest.raises(InvalidRequestId):
+        await client.submit(params(), rid)
+    with pytest.raises(InvalidRequest):
+        await client.submit_many([params(), params()], ["fine", rid])
+    assert await aredis.dbsize() == 0
+
+
+async def test_mismatched_id_count_writes_nothing(client: AsyncClient, aredis: aioredis.Redis) -> None:
+    with pytest.raises(InvalidParams, match="1 request ids for 2 requests"):
+        await client.submit_many([params(), params()], ["only-one"])
+    assert await aredis.dbsize() == 0
+
+
+# --- results ---------------------------------------------------------------------------------------------
+async def test_result_delivered_before_the_wait(client: AsyncClient, daemon: DaemonDouble) -> None:
+    rid = await client.submit(params())
+    assert await daemon.flush() == [rid]
+    assert await daemon.deliver(rid, succeeded("early")) == 1
+
+    result = await client.result(rid, timeout=5)
+
+    assert isinstance(result, MessageBatchSucceededResult)
+    assert result.message.content[0].text == "early"  # type: ignore[union-attr]
+
+
+async def test_result_delivered_while_waiting(
+    client: AsyncClient, daemon: DaemonDouble, aredis: aioredis.Redis
+) -> None:
+    rid = await client.submit(params())
+    await daemon.flush()
+    waiting = asyncio.create_task(client.result(rid, timeout=30))
+    # The client's listener is subscribed: from here a delivery can only reach it by wake-up or by its GET.
+    await wait_for(listener_subscribed(aredis), "the result listener to subscribe")
+    assert not waiting.done()
+
+    delivered_at = time.monotonic()
+    assert await daemon.deliver(rid, succeeded("late")) == 1
+    result = await waiting
+
+    assert time.monotonic() - delivered_at < WAKE_UP_BOUND
+    assert isinstance(result, MessageBatchSucceededResult)
+    assert result.message.content[0].text == "late"  # type: ignore[union-attr]
+
+
+async def test_peek_does_not_wait(client: AsyncClient, daemon: DaemonDouble) -> None:
+    rid = await client.submit(params())
+    assert await client.peek(rid) is None
+    await daemon.flush()
+    await daemon.deliver(rid, succeeded())
+    assert isinstance(await client.peek(rid), MessageBatchSucceededResult)
+
+
+async def test_result_timeout_carries_the_request_id(client: AsyncClient) -> None:
+    rid = await client.submit(params())
+    started = time.monotonic()
+
+    with pytest.raises(ResultTimeout) as info:
+        await client.result(rid, timeout=0.2)
+
+    assert 0.2 <= time.monotonic() - started < 2.0
+    assert info.value.request_id == rid
+    assert info.value.timeout == 0.2
+    assert rid in str(info.value)
+
+
+async def test_result_after_a_timeout_still_arrives(client: AsyncClient, daemon: DaemonDouble) -> None:
+    # A ResultTimeout leaves the request in flight: the same id can be collected later.
+    rid = await client.submit(params())
+    with pytest.raises(ResultTimeout):
+        await client.result(rid, timeout=0.1)
+    await daemon.flush()
+    await daemon.deliver(rid, succeeded("later"))
+    result = await client.result(rid, timeout=5)
+    assert isinstance(result, MessageBatchSucceededResult)
+
+
+async def test_unknown_request_id_is_not_found(client: AsyncClient) -> None:
+    with pytest.raises(RequestNotFound) as info:
+        await client.result("never-submitted", timeout=1)
+    assert info.value.request_id == "never-submitted"
+    with pytest.raises(RequestNotFound):
+        await client.peek("never-submitted")
+    with pytest.raises(RequestNotFound):
+        await client.cancel("never-submitted")
+
+
+async def test_a_new_client_collects_a_result_delivered_while_no_one_waited(
+    settings: Settings, daemon: DaemonDouble
+) -> None:
+    async with AsyncClient(settings=settings) as first:
+        rid = await first.submit(params())
+    await daemon.flush()
+    await daemon.deliver(rid, succeeded("kept"))
+
+    async with AsyncClient(settings=settings) as second:
+        result = await second.result(rid, timeout=5)
+    assert isinstance(result, MessageBatchSucceededResult)
+    assert result.message.content[0].text == "kept"  # type: ignore[union-attr]
+
+
+# --- messages.create -------------------------------------------------------------------------------------
+async def test_messages_create_returns_the_sdk_message(client: AsyncClient, daemon: DaemonDouble) -> None:
+    answering = asyncio.create_task(daemon.answer_next(echo))
+
+    message = await client.messages.create(
+        model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "ping"}], timeout=10
+    )
+
+    assert isinstance(message, anthropic.types.Message)
+    assert message.content[0].text == "echo: ping"  # type: ignore[union-attr]
+    assert message.usage.output_tokens == 2
+    await answering
+
+
+async def test_messages_create_raises_the_api_error(client: AsyncClient, daemon: DaemonDouble) -> None:
+    answering = asyncio.create_task(
+        daemon.answer_next(lambda _: errored("invalid_request_error", "bad model"))
+    )
+
+    with pytest.raises(RequestErrored) as info:
+        await client.messages.create(model="nope", max_tokens=16, messages=[{"role": "user", "content": "x"}])
+
+    (rid,) = await answering
+    assert info.value.error_type == "invalid_request_error"
+    assert info.value.api_message == "bad model"
+    assert info.value.request_id == rid
+    assert info.value.result_type == "errored"
+
+
+async def test_messages_create_raises_canceled(client: AsyncClient, daemon: DaemonDouble) -> None:
+    answering = asyncio.create_task(daemon.answer_next(lambda _: {"type": "canceled"}))
+    with pytest.raises(RequestCanceled):
+        await client.messages.create(
+            model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "x"}]
+        )
+    await answering
+
+
+async def test_messages_create_raises_expired(client: AsyncClient, daemon: DaemonDouble) -> None:
+    answering = asyncio.create_task(daemon.answer_next(lambda _: {"type": "expired"}))
+    with pytest.raises(RequestExpired):
+        await client.messages.create(
+            model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "x"}]
+        )
+    await answering
+
+
+async def test_messages_create_timeout_names_the_request(client: AsyncClient, aredis: aioredis.Redis) -> None:
+    with pytest.raises(ResultTimeout) as info:
+        await client.messages.create(
+            model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "x"}], timeout=0.2
+        )
+    # The id in the error is the queued request: the caller can collect it later.
+    assert await aredis.exists(K.request(info.value.request_id)) == 1
+
+
+# --- cancel ----------------------------------------------------------------------------------------------
+async def test_cancel_queued_request(client: AsyncClient, aredis: aioredis.Redis) -> None:
+    rid = await client.submit(params())
+
+    assert await client.cancel(rid) is True
+
+    assert isinstance(await client.result(rid, timeout=1), MessageBatchCanceledResult)
+    assert await aredis.hget(K.queue_stats, "n") == b"0"
+
+
+async def test_cancel_wakes_a_waiter(client: AsyncClient, aredis: aioredis.Redis) -> None:
+    rid = await client.submit(params())
+    waiting = asyncio.create_task(client.result(rid, timeout=30))
+    await wait_for(listener_subscribed(aredis), "the result listener to subscribe")
+
+    assert await client.cancel(rid) is True
+    assert isinstance(await waiting, MessageBatchCanceledResult)
+
+
+async def test_cancel_flushed_request_answers_canceled(client: AsyncClient, daemon: DaemonDouble) -> None:
+    rid = await client.submit(params())
+    await daemon.flush()
+
+    assert await client.cancel(rid) is False
+
+    assert isinstance(await client.result(rid, timeout=1), MessageBatchCanceledResult)
+    # The batch's own late answer is then dropped.
+    assert await daemon.deliver(rid, succeeded()) == 0
+
+
+async def test_cancel_answered_request_keeps_its_answer(client: AsyncClient, daemon: DaemonDouble) -> None:
+    rid = await client.submit(params())
+    await daemon.flush()
+    await daemon.deliver(rid, errored())
+
+    assert await client.cancel(rid) is False
+    assert isinstance(await client.result(rid, timeout=1), MessageBatchErroredResult)
+
+
+# --- many waiters, few connections -----------------------------------------------------------------------
+class ConnectionSampler:
+    """Samples CLIENT LIST in the background and keeps the peak number of connections not its own."""
+
+    def __init__(self, r: aioredis.Redis, own_name: str) -> None:
+        self._r = r
+        self._own = own_name
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def count(self) -> int:
+        return sum(1 for c in await self._r.client_list() if c.get("name") != self._own)
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, await self.count())
+            await asyncio.sleep(0.005)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def test_thousands_of_waiters_share_a_handful_of_connections(
+    client: AsyncClient, redis_url: str
+) -> None:
+    n = 2000
+    # The double and the sampler use their own named connections, left out of the count.
+    async with (
+        aioredis.Redis.from_url(redis_url, client_name="double") as r,
+        aioredis.Redis.from_url(redis_url, client_name="double") as sampler_redis,
+    ):
+        daemon = DaemonDouble(r)
+        sampler = ConnectionSampler(sampler_redis, own_name="double")
+        rids = await client.submit_many([params(f"q{i}") for i in range(n)])
+        assert len(await daemon.flush()) == n
+
+        sampler.start()
+        waiters = [asyncio.create_task(client.result(rid, timeout=60)) for rid in rids]
+        # Every caller registered with the shared listener (a private attribute, read only here: nothing
+        # public says "N callers are waiting").
+        await wait_for(_all_waiting(client, n), f"{n} waiters", within=30)
+        for i, rid in enumerate(rids):
+            await daemon.deliver(rid, succeeded(f"a{i}"))
+        results = await asyncio.gather(*waiters)
+        await sampler.stop()
+
+    texts = [res.message.content[0].text for res in results]  # type: ignore[union-attr]
+    assert texts == [f"a{i}" for i in range(n)]
+    # One connection per waiter (BLPOP each) would be ~2000; a shared listener needs a handful.
+    assert sampler.peak < 10, f"the client opened {sampler.peak} connections for {n} waiters"
+
+
+def _all_waiting(client: AsyncClient, n: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return client._waiter.waiting >= n
+
+    return check
+
+
+# --- the sync Client -------------------------------------------------------------------------------------
+def test_sync_submit_and_result(sync_client: Client, redis_url: str) -> None:
+    double = SyncDaemonDouble(redis_url)
+    try:
+        rid = sync_client.submit(params(), "sync-1")
+        rids = sync_client.submit_many([params("a"), params("b")])
+        assert rid == "sync-1"
+        assert len(rids) == 2
+        assert double.r.xlen(K.intake) == 3
+        assert sync_client.peek(rid) is None
+
+        assert set(double.flush()) == {rid, *rids}
+        assert double.deliver(rid, succeeded("sync")) == 1
+
+        result = sync_client.result(rid, timeout=5)
+        assert isinstance(result, MessageBatchSucceededResult)
+        assert result.message.content[0].text == "sync"  # type: ignore[union-attr]
+        with pytest.raises(ResultTimeout):
+            sync_client.result(rids[0], timeout=0.2)
+    finally:
+        double.close()
+
+
+def test_sync_messages_create(sync_client: Client, redis_url: str) -> None:
+    double = SyncDaemonDouble(redis_url)
+    answering = threading.Thread(target=double.answer_next, args=(echo,))
+    answering.start()
+    try:
+        message = sync_client.messages.create(
+            model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "sync ping"}], timeout=10
+        )
+    finally:
+        answering.join(timeout=15)
+        double.close()
+    assert isinstance(message, anthropic.types.Message)
+    assert message.content[0].text == "echo: sync ping"  # type: ignore[union-attr]
+
+
+def test_sync_cancel_and_errors(sync_client: Client) -> None:
+    rid = sync_client.submit(params())
+    assert sync_client.cancel(rid) is True
+    assert isinstance(sync_client.result(rid, timeout=1), MessageBatchCanceledResult)
+    with pytest.raises(RequestNotFound):
+        sync_client.result("no-such-id", timeout=1)
+    with pytest.raises(InvalidParams):
+        sync_client.submit({"model": "x"})
+
+
+def test_sync_client_is_shared_by_threads(sync_client: Client) -> None:
+    out: list[str] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        rid = sync_client.submit(params(f"t{i}"))
+        with lock:
+            out.append(rid)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(set(out)) == 16
+
+
+# --- the shared fixtures' contract (conftest.py) ---------------------------------------------------------
+def test_make_settings_defaults_point_at_the_private_redis(
+    make_settings: Callable[..., Settings], redis_url: str
+) -> None:
+    settings = make_settings(max_attempts=5)
+    assert settings.redis_url == redis_url
+    assert not redis_url.startswith("redis://127.0.0.1:6379/")  # never the machine's shared instance
+    assert settings.anthropic_api_key is not None
+    assert settings.anthropic_api_key.get_secret_value() == "test-key"
+    assert (settings.max_batch_age_seconds, settings.poll_min_seconds, settings.poll_max_seconds) == (
+        0.5,
+        0.1,
+        0.5,
+    )
+    assert settings.metrics_port == 0
+    assert settings.max_attempts == 5
+    assert settings.anthropic_base_url is None  # the emulator only starts when asked for
+
+
+def test_make_settings_with_the_emulator(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(emulator=True)
+    assert settings.anthropic_base_url is not None
+    assert settings.anthropic_api_key is not None
+    with anthropic.Anthropic(
+        base_url=settings.anthropic_base_url,
+        api_key=settings.anthropic_api_key.get_secret_value(),
+        max_retries=0,
+    ) as sdk:
+        message = sdk.messages.create(
+            model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert message.type == "message"
+
+
+def test_redis_url_starts_each_test_empty(redis_url: str, sync_redis: redis.Redis) -> None:
+    # Left behind on purpose: the next test using redis_url must not see it (checked by every
+    # `dbsize() == 0` assertion above, whatever the order).
+    sync_redis.set("left-behind", 1)
+    assert sync_redis.config_get("maxmemory")["maxmemory"] == "0"

@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -151,7 +152,7 @@ class RedisServer:
             self.kill()
 
     # --- helpers ------------------------------------------------------------------------------------------
-    def client(self, **kwargs: object) -> redis.Redis:
+    def client(self, **kwargs: Any) -> redis.Redis:
         """A sync client to this server (caller closes it)."""
         return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5, **kwargs)
 

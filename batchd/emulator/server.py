@@ -1,0 +1,180 @@
+"""Running the emulator: `serve` inside an event loop, `EmulatorThread` beside synchronous code."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TypeVar
+
+from aiohttp import web
+from aiohttp.log import access_logger
+
+from .app import create_app
+from .config import EmulatorConfig
+from .state import EmulatorState
+
+__all__ = ["DEFAULT_PORT", "EmulatorThread", "serve", "start_site"]
+
+DEFAULT_PORT = 8765
+# How long a stop waits for requests in flight (e.g. a results download) before cancelling them.
+_SHUTDOWN_TIMEOUT = 2.0
+# Shorter in-process: a test suite stops one emulator per test, and aiohttp can sit out the whole
+# timeout on a connection still lingering after an early 413.
+_THREAD_SHUTDOWN_TIMEOUT = 0.25
+
+_T = TypeVar("_T")
+
+
+async def start_site(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    access_log: bool = False,
+    shutdown_timeout: float = _SHUTDOWN_TIMEOUT,
+) -> tuple[web.AppRunner, int]:
+    """Start listening; returns the runner (`cleanup()` stops it) and the bound port (for port 0)."""
+    runner = web.AppRunner(
+        app, access_log=access_logger if access_log else None, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = port
+    for address in runner.addresses:
+        # (host, port) for IPv4, (host, port, flow, scope) for IPv6.
+        if isinstance(address, tuple):
+            bound = int(address[1])
+            break
+    return runner, bound
+
+
+async def serve(
+    config: EmulatorConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    access_log: bool = False,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until cancelled. `on_ready` gets the base URL once the socket listens."""
+    runner, bound = await start_site(create_app(config), host, port, access_log=access_log)
+    try:
+        if on_ready is not None:
+            on_ready(_url(host, bound))
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def _url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+class EmulatorThread:
+    """The emulator on its own event loop in a daemon thread: for tests, including users' own suites.
+
+        with EmulatorThread(EmulatorConfig(processing_seconds=0.1)) as emu:
+            client = anthropic.Anthropic(base_url=emu.base_url, api_key="test-key")
+
+    stop() then start() again serves the same port and keeps every batch: an API outage, not data loss.
+    """
+
+    def __init__(self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config if config is not None else EmulatorConfig()
+        self.host = host
+        self.port = port
+        self._state = EmulatorState(self.config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def base_url(self) -> str:
+        return _url(self.host, self.port)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("EmulatorThread already started")
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="batchd-emulator", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._error
+
+    def stop(self) -> None:
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None:
+            return
+        if loop is not None and stop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+        thread.join()
+        self._thread = None
+        self._loop = None
+
+    def __enter__(self) -> EmulatorThread:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def configure(self, **knobs: object) -> None:
+        """Same as POST /_emulator/config; raises ValueError naming a bad knob."""
+        self._call(lambda state: state.configure(knobs))
+
+    def stats(self) -> dict[str, int]:
+        """Same as GET /_emulator/stats."""
+        return self._call(lambda state: state.stats())
+
+    def reset(self) -> None:
+        """Same as POST /_emulator/reset: forget all batches and zero the stats."""
+        self._call(lambda state: state.reset())
+
+    def _call(self, fn: Callable[[EmulatorState], _T]) -> _T:
+        state, loop = self._state, self._loop
+        if loop is None:
+            # Stopped (or not started): no handler can be touching the state.
+            return fn(state)
+
+        # Running: only ever touch the state on the emulator's own loop, so handlers never race the caller.
+        async def call() -> _T:
+            return fn(state)
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:
+            if self._ready.is_set():
+                raise
+            self._error = exc  # surfaced by start()
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        runner, self.port = await start_site(
+            create_app(state=self._state), self.host, self.port, shutdown_timeout=_THREAD_SHUTDOWN_TIMEOUT
+        )
+        self._loop = asyncio.get_running_loop()
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()

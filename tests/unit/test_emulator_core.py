@@ -1,0 +1,303 @@
+"""The emulator's pure parts: answers, the create-body table, the batch lifecycle, results rendering."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from batchd.emulator.answers import ParamError, answer, count_tokens
+from batchd.emulator.config import EmulatorConfig
+from batchd.emulator.errors import ApiError
+from batchd.emulator.ids import message_id, rfc3339
+from batchd.emulator.results import iter_chunks, result_order
+from batchd.emulator.store import BatchStore
+from batchd.emulator.table import Kind, RequestTable, compile_batch
+
+STREAMING = "stream: not here"
+
+
+def params(text: Any = "hi", **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def body(*requests: Any) -> bytes:
+    return orjson.dumps({"requests": list(requests)})
+
+
+def compile_(*requests: Any, errored_rate: float = 0.0, expired_rate: float = 0.0) -> RequestTable:
+    return compile_batch(
+        body(*requests), errored_rate=errored_rate, expired_rate=expired_rate, rng=random.Random(0)
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- answers --------------------------------------------------------------------------------------
+
+
+def test_count_tokens_is_a_quarter_of_the_characters_rounded_up_never_zero() -> None:
+    assert [count_tokens(n) for n in (0, 1, 4, 5, 8, 9)] == [1, 1, 1, 2, 2, 3]
+
+
+def test_answer_echoes_the_last_user_message() -> None:
+    ans = answer(
+        {
+            "model": "claude-x",
+            "max_tokens": 1,
+            "system": [{"type": "text", "text": "sys"}],
+            "messages": [
+                {"role": "user", "content": "first"},
+                {"role": "assistant", "content": [{"type": "text", "text": "reply"}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "a"},
+                        {"type": "image", "source": {}},
+                        {"type": "text", "text": "b"},
+                    ],
+                },
+            ],
+        },
+        streaming_message=STREAMING,
+    )
+    assert ans.text == "echo: ab"
+    assert ans.model == "claude-x"
+    assert ans.input_tokens == count_tokens(len("sys") + len("first") + len("reply") + len("ab"))
+    assert ans.output_tokens == count_tokens(len("echo: ab"))
+
+
+@pytest.mark.parametrize(
+    ("bad", "start"),
+    [
+        ({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, "model: Field required"),
+        ({"model": 3, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, "model:"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens: Field required"),
+        (params(max_tokens=0), "max_tokens: Input should be greater than or equal to 1"),
+        (params(max_tokens=True), "max_tokens: Input should be a valid integer"),
+        (params(max_tokens=2.5), "max_tokens: Input should be a valid integer"),
+        (params(stream=True), STREAMING),
+        ({"model": "m", "max_tokens": 5}, "messages: Field required"),
+        ({"model": "m", "max_tokens": 5, "messages": []}, "messages: List should have at least 1 item"),
+        ({"model": "m", "max_tokens": 5, "messages": {}}, "messages: Input should be a valid list"),
+        (
+            {"model": "m", "max_tokens": 5, "messages": ["x"]},
+            "messages.0: Input should be a valid dictionary",
+        ),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
+        (
+            {"model": "m", "max_tokens": 5, "messages": [{"role": "user"}]},
+            "messages.0.content: Field required",
+        ),
+        (params(7), "messages.0.content:"),
+        (params([{"type": "text"}]), "messages.0.content.0.text"),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "assistant", "content": "x"}]}, "messages:"),
+    ],
+)
+def test_answer_rejects_bad_params(bad: dict[str, Any], start: str) -> None:
+    with pytest.raises(ParamError) as info:
+        answer(bad, streaming_message=STREAMING)
+    assert str(info.value).startswith(start)
+
+
+def test_stream_false_is_fine() -> None:
+    assert answer(params(stream=False), streaming_message=STREAMING).text == "echo: hi"
+
+
+# --- create body -> table -------------------------------------------------------------------------
+
+
+def test_compile_keeps_only_compact_columns() -> None:
+    table = compile_({"custom_id": "a", "params": params("x")}, {"custom_id": "b", "params": {"model": "m"}})
+    assert table.custom_ids == ["a", "b"]
+    assert list(table.kinds) == [Kind.SUCCEEDED, Kind.INVALID]
+    assert table.texts == ["echo: x", "max_tokens: Field required"]
+
+
+def test_compile_shares_one_string_per_model() -> None:
+    requests = [{"custom_id": f"r{i}", "params": params()} for i in range(3)]
+    table = compile_(*requests)
+    assert table.models[0] is table.models[1] is table.models[2]
+
+
+@pytest.mark.parametrize(
+    ("raw", "start"),
+    [
+        (b"{", "Request body is not valid JSON"),
+        (b"[]", "Request body should be a JSON object"),
+        (b'{"requests": null}', "requests: Field required"),
+        (b'{"requests": []}', "requests: List should have at least 1 item"),
+        (b'{"requests": [1]}', "requests.0: Input should be a valid dictionary"),
+        (
+            b'{"requests": [{"custom_id": 5, "params": {}}]}',
+            "requests.0.custom_id: Input should be a valid string",
+        ),
+        (
+            b'{"requests": [{"custom_id": "", "params": {}}]}',
+            "requests.0.custom_id: String should have at least 1",
+        ),
+        (b'{"requests": [{"custom_id": "a\\n", "params": {}}]}', "requests.0.custom_id: String should match"),
+    ],
+)
+def test_compile_rejects_bad_bodies(raw: bytes, start: str) -> None:
+    with pytest.raises(ApiError) as info:
+        compile_batch(raw, errored_rate=0, expired_rate=0, rng=random.Random(0))
+    assert info.value.status == 400 and info.value.error_type == "invalid_request_error"
+    assert info.value.message.startswith(start)
+
+
+def test_compile_fault_draws_follow_the_rates() -> None:
+    requests = [{"custom_id": f"r{i}", "params": params()} for i in range(2000)]
+    table = compile_(*requests, errored_rate=0.2, expired_rate=0.1)
+    kinds = table.kinds
+    errored = kinds.count(Kind.API_ERROR) + kinds.count(Kind.OVERLOADED)
+    assert 300 < errored < 500
+    assert 120 < kinds.count(Kind.EXPIRED) < 280
+    assert kinds.count(Kind.API_ERROR) > 0 and kinds.count(Kind.OVERLOADED) > 0
+
+
+# --- lifecycle ------------------------------------------------------------------------------------
+
+
+def make_store(n: int = 10, **knobs: Any) -> tuple[BatchStore, Clock, Any]:
+    clock = Clock()
+    store = BatchStore(clock)
+    config = EmulatorConfig(**knobs)
+    batch = store.add(compile_(*[{"custom_id": f"r{i}", "params": params()} for i in range(n)]), config)
+    return store, clock, batch
+
+
+def test_batch_runs_then_ends_at_created_plus_processing_seconds() -> None:
+    _, clock, batch = make_store(processing_seconds=10)
+    assert batch.status(clock()) == "in_progress"
+    clock.now += 9.99
+    assert batch.to_json(clock(), "http://e")["request_counts"]["processing"] == 10
+    clock.now += 0.02
+    data = batch.to_json(clock(), "http://e")
+    assert data["processing_status"] == "ended"
+    assert data["ended_at"] == rfc3339(batch.created + 10)
+    assert data["request_counts"]["succeeded"] == 10
+    assert data["results_url"] == f"http://e/v1/messages/batches/{batch.id}/results"
+
+
+def test_config_changes_do_not_move_a_running_batch() -> None:
+    clock = Clock()
+    store = BatchStore(clock)
+    config = EmulatorConfig(processing_seconds=10)
+    batch = store.add(compile_({"custom_id": "a", "params": params()}), config)
+    config.update({"processing_seconds": 0})
+    assert batch.status(clock()) == "in_progress"
+
+
+def test_cancel_midway_keeps_processed_requests_and_cancels_the_rest() -> None:
+    _, clock, batch = make_store(n=10, processing_seconds=10)
+    clock.now += 4.05  # requests 0..3 done (each takes 1 s of the 10)
+    assert batch.cancel(clock(), cancel_seconds=0.9)
+    assert batch.status(clock()) == "canceling"
+    assert not batch.cancel(clock(), cancel_seconds=0.0)  # a second cancel changes nothing
+    clock.now += 1
+    outcome = batch.outcome(clock())
+    assert outcome is not None
+    assert outcome.counts == {"processing": 0, "succeeded": 4, "errored": 0, "canceled": 6, "expired": 0}
+    assert batch.kind(3, outcome) is Kind.SUCCEEDED and batch.kind(4, outcome) is Kind.CANCELED
+    assert not batch.cancel(clock(), cancel_seconds=0.0)
+
+
+def test_expiry_midway_expires_the_rest() -> None:
+    _, clock, batch = make_store(n=4, processing_seconds=8, expiry_seconds=4)
+    clock.now += 4
+    outcome = batch.outcome(clock())
+    assert outcome is not None and outcome.tail is Kind.EXPIRED
+    assert outcome.counts["succeeded"] == 2 and outcome.counts["expired"] == 2
+
+
+def test_delete_requires_an_ended_batch_and_keeps_the_cursor() -> None:
+    store, clock, batch = make_store(processing_seconds=1)
+    with pytest.raises(ApiError) as info:
+        store.delete(batch)
+    assert info.value.status == 400
+    clock.now += 2
+    store.delete(batch)
+    with pytest.raises(ApiError) as info:
+        store.lookup(batch.id)
+    assert info.value.status == 404
+    assert store.page(10, batch.id, None) == ([], False)  # still usable as a cursor
+
+
+def test_transient_404_window() -> None:
+    store, clock, batch = make_store(transient_404_seconds=1)
+    with pytest.raises(ApiError):
+        store.lookup(batch.id)
+    clock.now += 1
+    assert store.lookup(batch.id) is batch
+    assert store.stats.faults_transient_404 == 1
+
+
+def test_unknown_cursor_is_400() -> None:
+    store, _, _ = make_store()
+    with pytest.raises(ApiError) as info:
+        store.page(10, "msgbatch_nope", None)
+    assert info.value.status == 400
+
+
+# --- results --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 97, 1000])
+def test_result_order_is_a_fixed_permutation(n: int) -> None:
+    _, _, batch = make_store(n=n)
+    order = list(result_order(batch))
+    assert sorted(order) == list(range(n))
+    assert order == list(result_order(batch))
+
+
+def test_results_render_every_kind_as_clean_jsonl() -> None:
+    clock = Clock()
+    store = BatchStore(clock)
+    requests = [{"custom_id": f"r{i}", "params": params(f"t{i}")} for i in range(200)]
+    requests.append({"custom_id": "bad", "params": {"model": "m"}})
+    table = compile_(*requests, errored_rate=0.3, expired_rate=0.2)
+    batch = store.add(table, EmulatorConfig(processing_seconds=10))
+    clock.now += 5
+    batch.cancel(clock(), 0)
+    outcome = batch.outcome(clock())
+    assert outcome is not None
+
+    body = b"".join(iter_chunks(batch, outcome))
+    assert b"\r" not in body and body.endswith(b"\n") and b"\n\n" not in body
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert len(lines) == 201
+    types = {line["result"]["type"] for line in lines}
+    assert types == {"succeeded", "errored", "expired", "canceled"}
+    for line in lines:
+        result = line["result"]
+        if result["type"] == "succeeded":
+            index = int(line["custom_id"][1:])
+            assert result["message"]["content"] == [{"type": "text", "text": f"echo: t{index}"}]
+            assert result["message"]["id"] == message_id(batch.id, index)
+            assert result["message"]["usage"]["service_tier"] == "batch"
+        elif result["type"] == "errored":
+            assert result["error"]["type"] == "error" and result["error"]["request_id"] is None
+            assert result["error"]["error"]["type"] in (
+                "invalid_request_error",
+                "api_error",
+                "overloaded_error",
+            )
+
+
+def test_cut_results_stop_mid_line() -> None:
+    _, clock, batch = make_store(n=50, processing_seconds=0)
+    outcome = batch.outcome(clock())
+    assert outcome is not None
+    full = b"".join(iter_chunks(batch, outcome))
+    cut = b"".join(iter_chunks(batch, outcome, cut=(10, 0.5)))
+    assert full.startswith(cut)
+    assert cut.count(b"\n") == 10 and not cut.endswith(b"\n")

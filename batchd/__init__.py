@@ -1,6 +1,7 @@
 """batchd: call Claude one request at a time and pay Message Batches prices."""
 
-from .client import AsyncClient, Client
+from typing import TYPE_CHECKING
+
 from .errors import (
     BatchdError,
     ConfigError,
@@ -18,6 +19,9 @@ from .errors import (
     ResultTimeout,
 )
 from .settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from .client import AsyncClient, Client
 
 __version__ = "0.1.0"
 
@@ -42,3 +46,12 @@ __all__ = [
     "__version__",
     "load_settings",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The client pulls in the anthropic SDK (over a second to import): the CLI's --help should not wait.
+    if name in ("AsyncClient", "Client"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'batchd' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 
 from .batchbody import EMPTY_BODY_SIZE, item_size
 from .keys import CONSUMER_GROUP, Keys, split_custom_id
+from .logs import log_event
 from .scripts import Scripts
 
 __all__ = ["Accumulator", "Entry", "Trigger"]
@@ -268,9 +269,7 @@ class Accumulator:
         )
         if int(sealed) <= 0:
             return None
-        log.info(
-            "flush %s sealed: %d requests, %d params bytes, trigger=%s", fid, moved, moved_bytes, trigger
-        )
+        log_event(log, "flush.sealed", flush=fid, requests=moved, params_bytes=moved_bytes, trigger=trigger)
         await self.on_flush(fid, trigger, moved, moved_bytes)
         return fid
 

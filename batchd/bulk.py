@@ -17,12 +17,13 @@ import orjson
 
 from .client import AsyncClient
 from .errors import InvalidRequest, ResultTimeout
+from .validation import encode_params, validate_request_id
 
 __all__ = ["read_requests", "submit_file"]
 
 
-def read_requests(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(custom_id, params) per line. A bad line raises InvalidRequest naming its line number."""
+def read_requests(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, custom_id, params) per line. A bad line raises InvalidRequest naming its line."""
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
@@ -33,7 +34,7 @@ def read_requests(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise InvalidRequest(f"{path}:{lineno}: not JSON ({exc})") from None
             if not isinstance(obj, dict) or "custom_id" not in obj or "params" not in obj:
                 raise InvalidRequest(f"{path}:{lineno}: expected an object with custom_id and params")
-            yield str(obj["custom_id"]), obj["params"]
+            yield lineno, str(obj["custom_id"]), obj["params"]
 
 
 async def submit_file(
@@ -47,12 +48,16 @@ async def submit_file(
 ) -> int:
     """Queue every line; with ``wait``, write each result line (custom_id as given) as it arrives."""
     requests = list(read_requests(path))
-    ids = [cid for cid, _ in requests]
-    try:
-        await client.submit_many([params for _, params in requests], ids)
-    except InvalidRequest as exc:
-        # Name the line: the client's message names the request but not where it came from.
-        raise InvalidRequest(f"{path}: {exc}") from None
+    cfg = client.settings
+    # Check every line first, so an error names its line (submit_many would only name the request).
+    for lineno, cid, params in requests:
+        try:
+            validate_request_id(cid)
+            encode_params(params, max_batch_bytes=cfg.max_batch_bytes, max_attempts=cfg.max_attempts)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{path}:{lineno}: {exc}") from None
+    ids = [cid for _, cid, _ in requests]
+    await client.submit_many([params for _, _, params in requests], ids)
     total = len(ids)
     if not wait:
         print(
@@ -69,7 +74,9 @@ async def submit_file(
     async def one(rid: str) -> None:
         nonlocal done, last_draw
         result = await client.result(rid, timeout=timeout)
-        sink.write(orjson.dumps({"custom_id": rid, "result": result.model_dump(mode="json")}) + b"\n")
+        # exclude_unset: the fields the API sent, not the SDK model's defaults.
+        line = {"custom_id": rid, "result": result.model_dump(mode="json", exclude_unset=True)}
+        sink.write(orjson.dumps(line) + b"\n")
         done += 1
         counts[result.type] = counts.get(result.type, 0) + 1
         # Redraw at most ten times a second: 100,000 answers must not mean 100,000 terminal writes.

@@ -163,23 +163,18 @@ class Daemon:
     async def _shutdown(self, tasks: list[asyncio.Task[None]], worker: Any) -> None:
         grace = self.settings.shutdown_grace_seconds
         if worker is not None:
-            # Stop picking jobs; let the running ones finish within the grace period.
+            # Stop picking jobs; let the running ones finish within the grace period, then cancel them
+            # (arq puts a cancelled job back in the queue: another replica or the next start runs it).
             worker.allow_pick_jobs = False
             running = [t for t in worker.tasks.values() if not t.done()]
             if running:
                 _done, late = await asyncio.wait(running, timeout=grace)
                 if late:
                     log.warning(
-                        "%d jobs still running after %.0fs; cancelling (they re-run elsewhere)",
-                        len(late),
-                        grace,
+                        "%d jobs still running after %.0fs; cancelling (they re-run later)", len(late), grace
                     )
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if worker is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.gather(*worker.tasks.values(), return_exceptions=True), 5)
+                    await _cancel_all(list(late), deadline=5.0)
+        await _cancel_all(tasks, deadline=5.0)
 
     async def _supervise(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
         """Run a loop until stop; when it fails, say why and restart it with backoff."""
@@ -249,6 +244,21 @@ class Daemon:
     async def _check_api(self) -> bool:
         await self.api.messages.batches.list(limit=1)
         return True
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]], *, deadline: float) -> None:
+    """Cancel and wait, cancelling again while any is left: redis-py can swallow a cancellation that lands
+    in its zero-timeout readiness check (redis/redis-py#4063), and arq's loop would then run on for ever."""
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + deadline
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending and loop.time() > stop_at:
+            log.error("%d tasks did not stop within %.0fs of being cancelled", len(pending), deadline)
+            return
 
 
 def _version() -> str:

@@ -110,8 +110,10 @@ async def run_demo(
                 "redis_url": url,
                 # A prefix of its own: the demo never touches a real deployment's keys on a named Redis.
                 "key_prefix": f"batchd-demo-{uuid.uuid4().hex[:8]}",
-                "max_batch_requests": 100,
-                "max_batch_bytes": 60_000,
+                # Limits scaled to the run, so each trigger fires: about three batches of short
+                # requests by count, the long ones by bytes (a few per batch), the tail by age.
+                "max_batch_requests": max(5, requests // 3),
+                "max_batch_bytes": max(4, requests // 30) * (len(_LONG_PROMPT) + 200),
                 "max_batch_age_seconds": 1.0,
                 "poll_min_seconds": 0.2,
                 "poll_max_seconds": 1.0,

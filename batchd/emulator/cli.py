@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=int if knob.name == "seed" else float,
             default=None,
             metavar="N" if knob.name == "seed" else ("P" if knob.name.endswith("_rate") else "S"),
-            help=f"{KNOB_HELP[knob.name]} (default: {getattr(defaults, knob.name)})",
+            help=KNOB_HELP[knob.name]
+            + ("" if knob.name == "seed" else f" (default: {getattr(defaults, knob.name)})"),
         )
 
 

@@ -34,6 +34,8 @@ FLUSH_CHUNK = 5000
 _READ_COUNT = 1000
 # Longest XREADGROUP block: bounds how late a stop request or a claim check is noticed.
 _MAX_BLOCK_S = 1.0
+# How late Redis may wake a blocked XREADGROUP (its timeouts are checked every 1/hz s; hz defaults to 10).
+_REDIS_TIMER_SLACK_MS = 100
 # A consumer that has not touched the stream for this long (and has no fresh heartbeat) is gone.
 _CONSUMER_IDLE_MS = 3000
 
@@ -114,10 +116,16 @@ class Accumulator:
         if time.monotonic() - self._last_claim >= 2.0:
             self._last_claim = time.monotonic()
             await self.claim_from_dead()
-        block_ms = int(_MAX_BLOCK_S * 1000)
+        block_ms: int | None = int(_MAX_BLOCK_S * 1000)
         if self._buffer.entries:
-            deadline = self._buffer.entries[0].ms + self.max_age_ms
-            block_ms = max(1, min(block_ms, deadline - _now_ms()))
+            remaining = self._buffer.entries[0].ms + self.max_age_ms - _now_ms()
+            if remaining <= _REDIS_TIMER_SLACK_MS:
+                # Redis checks BLOCK timeouts only every 1/hz s (100 ms at the default hz 10), so the last
+                # stretch to the age deadline is timed here, then whatever arrived meanwhile is read.
+                await asyncio.sleep(max(0, remaining) / 1000)
+                block_ms = None
+            else:
+                block_ms = min(int(_MAX_BLOCK_S * 1000), remaining - _REDIS_TIMER_SLACK_MS)
         room = max(1, min(_READ_COUNT, self.max_requests - len(self._buffer.entries)))
         reply = await self.redis.xreadgroup(
             CONSUMER_GROUP, self.consumer, {self.keys.intake: ">"}, count=room, block=block_ms

@@ -195,12 +195,22 @@ class AsyncClient:
         id batchd does not know.
         """
         validate_request_id(request_id)
+
+        async def fetch() -> bytes | None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.keys.result(request_id))
+                pipe.exists(self.keys.request(request_id))
+                found, exists = await pipe.execute()
+            if found is None and not exists:
+                raise RequestNotFound(request_id)
+            return None if found is None else bytes(found)
+
         async with _redis_errors():
-            line = await self._redis.get(self.keys.result(request_id))
+            # Until the shared subscription is live, look first: a down Redis fails fast, a known
+            # answer needs no subscription. After that, one round trip per wait (inside wait()).
+            line = None if self._waiter.subscribed else await fetch()
             if line is None:
-                if not await self._redis.exists(self.keys.request(request_id)):
-                    raise RequestNotFound(request_id)
-                line = await self._waiter.wait(request_id, timeout)
+                line = await self._waiter.wait(request_id, timeout, fetch)
         if line is None:
             raise ResultTimeout(request_id, timeout if timeout is not None else float("inf"))
         return parse_result_line(line)

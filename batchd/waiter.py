@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -35,8 +36,18 @@ class ResultWaiter:
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def wait(self, rid: str, timeout: float | None) -> bytes | None:
-        """The stored results line for ``rid``, or None if ``timeout`` passes first."""
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed.is_set()
+
+    async def wait(
+        self, rid: str, timeout: float | None, fetch: Callable[[], Awaitable[bytes | None]]
+    ) -> bytes | None:
+        """The stored results line for ``rid``, or None if ``timeout`` passes first.
+
+        ``fetch`` reads the result key; it runs once the subscription is live and this waiter is
+        registered, so an answer is either already stored or announced to the listener: never missed.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         self._pending.setdefault(rid, []).append(future)
@@ -44,10 +55,9 @@ class ResultWaiter:
             self._ensure_listener()
             async with asyncio.timeout(timeout):
                 await self._subscribed.wait()
-                # Checked after subscribing: an answer published before this point is in the key.
-                line = await self._redis.get(self._keys.result(rid))
+                line = await fetch()
                 if line is not None:
-                    return bytes(line)
+                    return line
                 return await future
         except TimeoutError:
             return None

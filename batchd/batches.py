@@ -33,13 +33,15 @@ log = logging.getLogger(__name__)
 # Inner error types of an `errored` result that mean "the API failed, not the request": try again.
 RETRYABLE_ERROR_TYPES = frozenset({"api_error", "overloaded_error"})
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Error types for a final create failure, limited to those the SDK's ErrorObject union accepts (it has no
+# request_too_large: a 413 reaches the caller as invalid_request_error with the API's message).
 _STATUS_ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
-    413: "request_too_large",
+    413: "invalid_request_error",
     422: "invalid_request_error",
 }
 _DELIVER_CHUNK = 500
@@ -223,7 +225,7 @@ async def _fail_flush(
     ctx: Context, fid: str, items: Sequence[tuple[str, int, bytes]], exc: anthropic.APIStatusError
 ) -> None:
     """A final create error (4xx): every caller in the flush gets the API's error as its answer."""
-    error_type = getattr(exc, "type", None) or _STATUS_ERROR_TYPES.get(exc.status_code, "api_error")
+    error_type = _STATUS_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
     message = getattr(exc, "api_message", None) or f"batch create failed with HTTP {exc.status_code}"
     for start in range(0, len(items), _DELIVER_CHUNK):
         lines = [
@@ -398,6 +400,10 @@ async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bo
                 rid, attempt = split_custom_id(obj["custom_id"])
                 validate_request_id(rid)
                 inner = result["error"]["error"]["type"] if rtype == "errored" else None
+                if rtype not in metrics.RESULT_TYPES or (rtype == "errored" and not isinstance(inner, str)):
+                    raise ValueError("not a results line")
+                if rtype == "succeeded" and not isinstance(result.get("message"), dict):
+                    raise ValueError("succeeded without a message")
             except Exception:
                 tally["malformed"] += 1
                 log.warning("skipping a malformed results line: %.200r", raw)

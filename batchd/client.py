@@ -19,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 from anthropic.types import Message
 from anthropic.types.messages import MessageBatchIndividualResponse, MessageBatchResult
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -30,7 +31,9 @@ from .errors import (
     RequestCanceled,
     RequestErrored,
     RequestExpired,
+    RequestFailed,
     RequestNotFound,
+    RequestTooLarge,
     ResultTimeout,
 )
 from .keys import Keys, custom_id_for
@@ -145,6 +148,13 @@ class AsyncClient:
             if len(request_ids) != len(encoded):
                 raise InvalidParams(f"{len(request_ids)} request ids for {len(encoded)} requests")
             rids = [validate_request_id(rid) for rid in request_ids]
+        cfg = self.settings
+        for body in encoded:
+            if len(body) > cfg.max_queued_bytes:
+                raise RequestTooLarge(
+                    f"request is {len(body)} bytes; the queue holds at most "
+                    f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}"
+                )
         deadline = time.monotonic() + wait
         accepted: list[str] = []
         for start in range(0, len(rids), _SUBMIT_CHUNK):
@@ -152,24 +162,32 @@ class AsyncClient:
                 zip(rids[start : start + _SUBMIT_CHUNK], encoded[start : start + _SUBMIT_CHUNK], strict=True)
             )
             backoff = 0.05
-            while True:
-                status = await self._enqueue(chunk)
-                if status is not None:
+            while chunk:
+                queued = await self._enqueue(chunk)
+                if queued is None:
+                    accepted.extend(rid for rid, _ in chunk)
                     break
-                if time.monotonic() + backoff > deadline:
-                    cfg = self.settings
+                # Refused whole: queue the part that fits now, wait for room for the rest.
+                fit = _fitting_prefix(chunk, *queued, cfg.max_queued_requests, cfg.max_queued_bytes)
+                if fit and await self._enqueue(chunk[:fit]) is None:
+                    accepted.extend(rid for rid, _ in chunk[:fit])
+                    chunk = chunk[fit:]
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise QueueFull(
                         f"batchd queue is full (BATCHD_MAX_QUEUED_REQUESTS={cfg.max_queued_requests}, "
                         f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}); "
                         f"{len(accepted)} of {len(rids)} requests were queued",
                         accepted,
                     )
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, 1.0)
-            accepted.extend(rid for rid, _ in chunk)
         return rids
 
-    async def _enqueue(self, chunk: list[tuple[str, bytes]]) -> list[int] | None:
+    async def _enqueue(self, chunk: list[tuple[str, bytes]]) -> tuple[int, int] | None:
+        """Queue the chunk atomically: None if it was written, else the queue's (requests, bytes) that
+        refused it (nothing written)."""
         keys = [self.keys.intake, self.keys.queue_stats]
         args: list[Any] = [
             int(time.time() * 1000),
@@ -182,8 +200,8 @@ class AsyncClient:
         async with _redis_errors():
             status = await self._scripts.enqueue(keys=keys, args=args, client=self._redis)
         if status and int(status[0]) == -1:
-            return None
-        return [int(s) for s in status]
+            return int(status[1]), int(status[2])
+        return None
 
     # --- results -------------------------------------------------------------------------------------------
     async def result(
@@ -213,7 +231,7 @@ class AsyncClient:
                 line = await self._waiter.wait(request_id, timeout, fetch)
         if line is None:
             raise ResultTimeout(request_id, timeout if timeout is not None else float("inf"))
-        return parse_result_line(line)
+        return _parse(request_id, line)
 
     async def peek(self, request_id: str) -> MessageBatchResult | None:
         """The result if it has arrived, else None; never waits."""
@@ -222,7 +240,7 @@ class AsyncClient:
             line = await self._redis.get(self.keys.result(request_id))
             if line is None and not await self._redis.exists(self.keys.request(request_id)):
                 raise RequestNotFound(request_id)
-        return None if line is None else parse_result_line(line)
+        return None if line is None else _parse(request_id, line)
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request. Returns True if it was still queued (it will never be sent to the API), False
@@ -289,6 +307,29 @@ def parse_result_line(line: bytes) -> MessageBatchResult:
     return MessageBatchIndividualResponse.model_validate(orjson.loads(line)).result
 
 
+def _fitting_prefix(
+    chunk: list[tuple[str, bytes]], queued_n: int, queued_bytes: int, max_n: int, max_bytes: int
+) -> int:
+    """How many requests from the head of ``chunk`` fit under the caps right now."""
+    n, nbytes = queued_n, queued_bytes
+    for i, (_, body) in enumerate(chunk):
+        n += 1
+        nbytes += len(body)
+        if n > max_n or nbytes > max_bytes:
+            return i
+    return len(chunk)
+
+
+def _parse(request_id: str, line: bytes) -> MessageBatchResult:
+    try:
+        return parse_result_line(line)
+    except ValueError as exc:  # orjson's JSONDecodeError and pydantic's ValidationError
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise RequestFailed(
+            request_id, f"request {request_id!r} has a result batchd cannot read: {reason}"
+        ) from None
+
+
 def raise_for_result(request_id: str, result: MessageBatchResult) -> Message:
     """The Message of a succeeded result, or the typed batchd error for any other result."""
     if result.type == "succeeded":
@@ -307,6 +348,8 @@ async def _redis_errors() -> AsyncIterator[None]:
     """Redis failures become RedisUnavailable with a one-line reason; the scripts never half-write."""
     try:
         yield
+    except RedisAuthenticationError as exc:
+        raise RedisUnavailable(f"Redis refused the credentials in the Redis URL: {exc}") from exc
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise RedisUnavailable(f"Redis is unreachable: {exc}") from exc
     except OutOfMemoryError as exc:

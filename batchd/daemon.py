@@ -125,6 +125,10 @@ class Daemon:
         worker_box: list[Any] = []
 
         async def run_worker() -> None:
+            if worker_box:
+                # The last worker's loop died (Redis went away): its jobs must not stay "in progress".
+                await jobs.abandon_worker(worker_box[0], arq_pool)
+                worker_box.clear()
             worker = jobs.build_worker(
                 context, arq_pool, queue_name=self.keys.arq_queue, job_timeout=s.job_timeout_seconds
             )
@@ -179,15 +183,21 @@ class Daemon:
     async def _supervise(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
         """Run a loop until stop; when it fails, say why and restart it with backoff."""
         backoff = 0.2
+        lost_redis = False
         while not self.stop_event.is_set():
             started = time.monotonic()
             try:
+                if lost_redis:
+                    await self.redis.ping()
+                    log.info("%s: Redis reachable again; resuming", name)
+                    lost_redis = False
                 await make()
                 if self.stop_event.is_set():
                     return
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                lost_redis = True
                 log.warning("%s: Redis unreachable (%s); reconnecting in %.1fs", name, exc, backoff)
             except Exception:
                 log.exception("%s failed; restarting in %.1fs", name, backoff)

@@ -8,19 +8,21 @@ Jobs are serialised as JSON, not pickle.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
 from typing import Any
 
 from arq import cron
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
 from redis.asyncio import ConnectionPool
 
 from . import batches
 from .batches import Context, RetryLater
 
-__all__ = ["ArqScheduler", "build_worker", "connect"]
+__all__ = ["ArqScheduler", "abandon_worker", "build_worker", "connect"]
 
 # A batch may take 24 h to end; its poll job must outlive that (arq drops a job past its expiry).
 _POLL_EXPIRES = timedelta(hours=30)
@@ -108,7 +110,16 @@ def build_worker(
     seconds = set(range(0, 60, max(1, reconcile_every_s)))
     return Worker(
         functions,
-        cron_jobs=[cron(_reconcile, name="reconcile", second=seconds, run_at_startup=True, timeout=60)],
+        # arq's in-progress TTL is the largest timeout of all functions (+10 s): the cron's stays below.
+        cron_jobs=[
+            cron(
+                _reconcile,
+                name="reconcile",
+                second=seconds,
+                run_at_startup=True,
+                timeout=min(60.0, job_timeout),
+            )
+        ],
         redis_pool=pool,
         queue_name=queue_name,
         handle_signals=False,
@@ -120,3 +131,16 @@ def build_worker(
         job_deserializer=_loads,
         log_results=False,
     )
+
+
+async def abandon_worker(worker: Worker, pool: ArqRedis) -> None:
+    """Stop what a dead worker was still running and free the in-progress keys of the jobs it did not
+    finish, so the next worker runs them now rather than after their in-progress TTL (timeout + 10 s)."""
+    tasks = dict(worker.tasks)
+    for task in tasks.values():
+        task.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    unfinished = [job_id for job_id, t in tasks.items() if t.cancelled() or t.exception() is not None]
+    if unfinished:
+        await pool.delete(*(in_progress_key_prefix + job_id for job_id in unfinished))
+    worker.tasks.clear()

@@ -114,6 +114,6 @@ def custom_id_for(rid: str, attempt: int) -> str:
 def split_custom_id(custom_id: str) -> tuple[str, int]:
     """Inverse of custom_id_for. Raises ValueError on anything batchd did not make."""
     rid, sep, attempt = custom_id.rpartition("-")
-    if not sep or not rid or not attempt.isdigit():
+    if not sep or not rid or not (attempt.isascii() and attempt.isdigit()):
         raise ValueError(f"not a batchd custom_id: {custom_id!r}")
     return rid, int(attempt)

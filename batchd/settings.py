@@ -123,6 +123,11 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
         return tuple(sources)
 
+    def __repr_args__(self) -> Any:
+        # repr() and str() of Settings end up in logs and tracebacks: never show a Redis password.
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" and isinstance(value, str) else value
+
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict fit for logs and ``status``: secrets masked."""
         data = self.model_dump()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -48,6 +49,9 @@ def encode_params(params: object, *, max_batch_bytes: int, max_attempts: int = 3
         body = orjson.dumps(params)
     except TypeError as exc:
         raise InvalidParams(f"params do not serialise to JSON: {exc}") from None
+    # orjson writes NaN and +-Infinity as null; a null in the output is the only sign one was there.
+    if b"null" in body and _has_non_finite(params):
+        raise InvalidParams("params contain NaN or Infinity, which JSON cannot carry")
     # The largest custom id this request can have is on its last attempt.
     largest = EMPTY_BODY_SIZE + item_size(
         len(custom_id_for("x" * MAX_REQUEST_ID_LEN, max_attempts)), len(body)
@@ -58,3 +62,17 @@ def encode_params(params: object, *, max_batch_bytes: int, max_attempts: int = 3
             "(BATCHD_MAX_BATCH_BYTES) including the envelope"
         )
     return body
+
+
+def _has_non_finite(value: object) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False

@@ -104,6 +104,10 @@ class Accumulator:
 
     # --- the loop ------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        # A fresh start (also after a failure mid-flush): forget the buffer and re-read this consumer's
+        # pending entries, which hold everything read and not yet moved into a flush.
+        self._buffer = _Buffer()
+        self._held.clear()
         await self.ensure_group()
         await self._read_own_pending()
         while not stop.is_set():

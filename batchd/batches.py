@@ -79,7 +79,7 @@ class Context:
 
 
 # --- submit -----------------------------------------------------------------------------------------------
-async def submit_flush(ctx: Context, fid: str, *, attempt: int = 1) -> str:
+async def submit_flush(ctx: Context, fid: str) -> str:
     """Create the batch of a sealed flush. Returns the batch id, or the flush's final state."""
     k = ctx.keys
     flush = await _hgetall(ctx.redis, k.flush(fid))
@@ -127,14 +127,16 @@ async def submit_flush(ctx: Context, fid: str, *, attempt: int = 1) -> str:
         except anthropic.APIStatusError as exc:
             metrics.API_ERRORS.labels(op="create", kind=metrics.classify_api_error(exc)).inc()
             if _retryable_status(exc.status_code):
+                errors = await ctx.redis.hincrby(k.flush(fid), "errors", 1)
                 raise RetryLater(
-                    _retry_after(exc) or _backoff(attempt), f"create: HTTP {exc.status_code}"
+                    _retry_after(exc) or _backoff(errors), f"create: HTTP {exc.status_code}"
                 ) from exc
             await _fail_flush(ctx, fid, items, exc)
             return "failed"
         except anthropic.APIConnectionError as exc:
             metrics.API_ERRORS.labels(op="create", kind=metrics.classify_api_error(exc)).inc()
-            raise RetryLater(_backoff(attempt), f"create: {type(exc).__name__}") from exc
+            errors = await ctx.redis.hincrby(k.flush(fid), "errors", 1)
+            raise RetryLater(_backoff(errors), f"create: {type(exc).__name__}") from exc
         await _record_batch(ctx, fid, batch, flush, adopted=False)
         return batch.id
     finally:
@@ -261,7 +263,7 @@ async def _fail_flush(
 
 
 # --- poll -------------------------------------------------------------------------------------------------
-async def poll_batch(ctx: Context, batch_id: str, *, attempt: int = 1) -> str:
+async def poll_batch(ctx: Context, batch_id: str) -> str:
     """Check one open batch; when it has ended, fan its results out. Raises RetryLater until then."""
     k = ctx.keys
     record = await _hgetall(ctx.redis, k.batch(batch_id))
@@ -279,15 +281,19 @@ async def poll_batch(ctx: Context, batch_id: str, *, attempt: int = 1) -> str:
         raise RetryLater(ctx.settings.poll_max_seconds, "batch not found") from exc
     except anthropic.APIStatusError as exc:
         metrics.API_ERRORS.labels(op="retrieve", kind=metrics.classify_api_error(exc)).inc()
-        raise RetryLater(_retry_after(exc) or _backoff(attempt), f"retrieve: HTTP {exc.status_code}") from exc
+        errors = await ctx.redis.hincrby(k.batch(batch_id), "errors", 1)
+        raise RetryLater(_retry_after(exc) or _backoff(errors), f"retrieve: HTTP {exc.status_code}") from exc
     except anthropic.APIConnectionError as exc:
         metrics.API_ERRORS.labels(op="retrieve", kind=metrics.classify_api_error(exc)).inc()
-        raise RetryLater(_backoff(attempt), f"retrieve: {type(exc).__name__}") from exc
+        errors = await ctx.redis.hincrby(k.batch(batch_id), "errors", 1)
+        raise RetryLater(_backoff(errors), f"retrieve: {type(exc).__name__}") from exc
+    if int(record.get("errors", 0)):
+        await ctx.redis.hset(k.batch(batch_id), "errors", 0)  # backoff counts consecutive errors only
     if batch.processing_status != "ended":
         polls = await ctx.redis.hincrby(k.batch(batch_id), "polls", 1)
         raise RetryLater(poll_delay(ctx.settings, polls), f"batch {batch.processing_status}")
     log_event(log, "batch.ended", batch_id=batch_id, **batch.request_counts.model_dump())
-    return await fanout_results(ctx, batch_id, attempt=attempt)
+    return await fanout_results(ctx, batch_id)
 
 
 def poll_delay(settings: Settings, polls: int) -> float:
@@ -297,7 +303,7 @@ def poll_delay(settings: Settings, polls: int) -> float:
 
 
 # --- fan-out ----------------------------------------------------------------------------------------------
-async def fanout_results(ctx: Context, batch_id: str, *, attempt: int = 1) -> str:
+async def fanout_results(ctx: Context, batch_id: str) -> str:
     """Stream the batch's results and deliver each line. Checkpointed every chunk; delivery is idempotent.
 
     The checkpoint only skips lines on a resumed download. Requests of the flush that no line answered are
@@ -335,7 +341,8 @@ async def fanout_results(ctx: Context, batch_id: str, *, attempt: int = 1) -> st
         log.warning(
             "results of %s broke off after line %d (%s); resuming", batch_id, lineno, type(exc).__name__
         )
-        raise RetryLater(_backoff(attempt), "results stream broke off") from exc
+        errors = await ctx.redis.hincrby(k.batch(batch_id), "errors", 1)
+        raise RetryLater(_backoff(errors), "results stream broke off") from exc
 
     fid = record.get("fid", "")
     unanswered = await _unanswered(ctx, fid)
@@ -498,8 +505,9 @@ def _retry_after(exc: anthropic.APIStatusError) -> float | None:
         return None
 
 
-def _backoff(attempt: int) -> float:
-    return float(min(60.0, 0.5 * 2 ** min(attempt - 1, 10)) * (0.75 + 0.5 * random.random()))
+def _backoff(errors: int) -> float:
+    """Backoff after the n-th consecutive error: 0.5 s doubling to 60 s, with jitter."""
+    return float(min(60.0, 0.5 * 2 ** min(errors - 1, 10)) * (0.75 + 0.5 * random.random()))
 
 
 async def _hgetall(redis: Any, key: str) -> dict[str, str]:

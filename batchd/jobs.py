@@ -77,14 +77,14 @@ def _context(ctx: dict[str, Any]) -> Context:
 
 async def _submit_flush(ctx: dict[str, Any], fid: str) -> str:
     try:
-        return await batches.submit_flush(_context(ctx), fid, attempt=int(ctx.get("job_try", 1)))
+        return await batches.submit_flush(_context(ctx), fid)
     except RetryLater as exc:
         raise Retry(defer=exc.defer) from exc
 
 
 async def _poll_batch(ctx: dict[str, Any], batch_id: str) -> str:
     try:
-        return await batches.poll_batch(_context(ctx), batch_id, attempt=int(ctx.get("job_try", 1)))
+        return await batches.poll_batch(_context(ctx), batch_id)
     except RetryLater as exc:
         raise Retry(defer=exc.defer) from exc
 

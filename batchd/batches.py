@@ -50,6 +50,10 @@ _READ_CHUNK = 1000
 _TRANSIENT_404_S = 600.0
 # When looking for an orphan of an interrupted create: allow this much clock skew against the API.
 _ORPHAN_SKEW_S = 300.0
+# An unknown create is looked for in the list for at least this long before creating again.
+_LIST_GRACE_S = 3.0
+# Statuses that mean the API refused the create outright: nothing was created, the outcome is known.
+_NOT_CREATED_STATUS = frozenset({429, 529})
 # A flush still 'building' this long after it started belongs to an accumulator that died mid-flush.
 STALE_BUILDING_S = 60.0
 _RECENT_FLUSHES = 50
@@ -94,23 +98,23 @@ async def submit_flush(ctx: Context, fid: str) -> str:
     if not await ctx.redis.set(lock, fid, nx=True, px=lock_ms):
         raise RetryLater(0.2 + random.random() * 0.5, "another create is in flight")
     try:
-        if state == "submitting":
-            # An earlier try recorded its intent and may have created the batch before it died.
-            orphan = await _find_orphan(ctx, int(flush["intent"]), int(flush["sent"]))
-            if orphan is not None:
-                log.warning("flush %s: adopting batch %s created by an interrupted submit", fid, orphan.id)
-                await _record_batch(ctx, fid, orphan, flush, adopted=True)
-                return orphan.id
+        adopted = await _settle_inflight_create(ctx)
+        if adopted is not None and adopted[0] == fid:
+            return adopted[1]
         items = await _load_items(ctx, fid)
         if not items:
             await ctx.redis.hset(k.flush(fid), "state", "empty")
             await ctx.redis.zrem(k.flushes, fid)
             return "empty"
         body = build_body((custom_id_for(rid, attempts).encode(), params) for rid, attempts, params in items)
-        await ctx.redis.hset(
-            k.flush(fid),
-            mapping={"state": "submitting", "intent": _now_ms(), "sent": len(items), "size": len(body)},
-        )
+        async with ctx.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                k.flush(fid),
+                mapping={"state": "submitting", "intent": _now_ms(), "sent": len(items), "size": len(body)},
+            )
+            # From here until the outcome is known, this is the one create that may be unrecorded.
+            pipe.set(k.create_inflight, fid)
+            await pipe.execute()
         metrics.API_REQUESTS.labels(op="create").inc()
         try:
             batch = await ctx.api.post(
@@ -127,11 +131,14 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         except anthropic.APIStatusError as exc:
             metrics.API_ERRORS.labels(op="create", kind=metrics.classify_api_error(exc)).inc()
             if _retryable_status(exc.status_code):
+                if exc.status_code in _NOT_CREATED_STATUS:
+                    await ctx.redis.delete(k.create_inflight)
                 errors = await ctx.redis.hincrby(k.flush(fid), "errors", 1)
                 raise RetryLater(
                     _retry_after(exc) or _backoff(errors), f"create: HTTP {exc.status_code}"
                 ) from exc
             await _fail_flush(ctx, fid, items, exc)
+            await ctx.redis.delete(k.create_inflight)
             return "failed"
         except anthropic.APIConnectionError as exc:
             metrics.API_ERRORS.labels(op="create", kind=metrics.classify_api_error(exc)).inc()
@@ -141,6 +148,36 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         return batch.id
     finally:
         await ctx.scripts.release_lock(keys=[lock], args=[fid], client=ctx.redis)
+
+
+async def _settle_inflight_create(ctx: Context) -> tuple[str, str] | None:
+    """Called under the create lock: if the last create's outcome was never learnt (its job died, or the
+    response was lost), find its batch on the API and record it for *that* flush. Returns (fid, batch id)
+    when a batch was adopted.
+
+    Creates are serialised, so only the flush named in ``create_inflight`` can have an unrecorded batch:
+    no other flush can adopt it, and a flush that is merely 'submitting' without being named simply
+    creates again.
+    """
+    k = ctx.keys
+    raw = await ctx.redis.get(k.create_inflight)
+    if raw is None:
+        return None
+    fid = _text(raw)
+    flush = await _hgetall(ctx.redis, k.flush(fid))
+    adopted: tuple[str, str] | None = None
+    if flush.get("state") == "submitting":
+        intent = int(flush["intent"])
+        orphan = await _find_orphan(ctx, intent, int(flush["sent"]))
+        if orphan is None and _now_ms() - intent < _LIST_GRACE_S * 1000:
+            # A batch created a moment ago may not be listed yet: look again shortly, not create now.
+            raise RetryLater(_LIST_GRACE_S / 2, "the last create's outcome is unknown; checking again")
+        if orphan is not None:
+            log.warning("flush %s: adopting batch %s created by an interrupted submit", fid, orphan.id)
+            await _record_batch(ctx, fid, orphan, flush, adopted=True)
+            adopted = (fid, orphan.id)
+    await ctx.redis.delete(k.create_inflight)
+    return adopted
 
 
 async def _load_items(ctx: Context, fid: str) -> list[tuple[str, int, bytes]]:
@@ -163,8 +200,8 @@ async def _load_items(ctx: Context, fid: str) -> list[tuple[str, int, bytes]]:
 async def _find_orphan(ctx: Context, intent_ms: int, sent: int) -> MessageBatch | None:
     """A batch created at or after the intent that batchd never recorded, with as many requests as sent.
 
-    Creates are serialised by the create lock, so an unrecorded batch can only come from a create whose
-    job died; the request count and creation time pick it out among several.
+    Creates are serialised by the create lock and only the in-flight flush is looked up, so an unrecorded
+    batch can only be that flush's; the request count and creation time confirm it.
     """
     metrics.API_REQUESTS.labels(op="list").inc()
     since = intent_ms / 1000 - _ORPHAN_SKEW_S
@@ -208,6 +245,7 @@ async def _record_batch(
     )
     async with ctx.redis.pipeline(transaction=True) as pipe:
         pipe.hset(k.flush(fid), mapping={"state": "submitted", "batch": batch.id})
+        pipe.delete(k.create_inflight)
         pipe.zrem(k.flushes, fid)
         pipe.zadd(k.known_batches, {batch.id: created_ms})
         pipe.zadd(k.open_batches, {batch.id: created_ms})

@@ -97,6 +97,12 @@ class Keys:
         return f"{self.tag}:lock:create"
 
     @property
+    def create_inflight(self) -> str:
+        """The flush whose create may have reached the API without being recorded (set before the POST,
+        cleared once its outcome is known). Creates are serialised, so there is at most one."""
+        return f"{self.tag}:create:inflight"
+
+    @property
     def reconcile_lock(self) -> str:
         return f"{self.tag}:lock:reconcile"
 

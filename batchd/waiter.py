@@ -35,6 +35,7 @@ class ResultWaiter:
         self._pending: dict[str, list[asyncio.Future[bytes]]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def subscribed(self) -> bool:
@@ -77,15 +78,19 @@ class ResultWaiter:
             self._task = asyncio.get_running_loop().create_task(self._listen(), name="batchd-result-listener")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._closing = True
+        task, self._task = self._task, None
+        # Cancel until it is done: redis-py can swallow a cancellation that lands inside a command.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        if task is not None and not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()
 
     async def _listen(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._keys.delivered_channel)
@@ -94,7 +99,7 @@ class ResultWaiter:
                 await self._sweep()
                 loop = asyncio.get_running_loop()
                 next_sweep = loop.time() + self._sweep_seconds
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(timeout=self._sweep_seconds)
                     ids: set[str] = set()
                     while message is not None:

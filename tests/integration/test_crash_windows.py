@@ -1,0 +1,692 @@
+"""One deterministic test per crash window (docs/reliability.md names each one and its test).
+
+Each test builds the exact state a crash leaves behind, by calling batchd's own steps up to the crash
+point (the accumulator, the Lua scripts, ``batches.*`` with a Context whose scheduler records jobs and
+runs them on demand), then lets batchd recover and counts: every request answered exactly once (one
+publication on the delivered channel each, read after a barrier), nothing sent to the API twice.
+Where only a real process shows the window (a job SIGKILLed inside arq), a real ``batchd run`` is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from batchd import AsyncClient, batches
+from batchd import accumulator as accumulator_module
+from batchd.accumulator import Accumulator
+from batchd.batches import Context, RetryLater
+from batchd.emulator.testing import async_wait_for_batch
+from batchd.keys import CONSUMER_GROUP, Keys
+from batchd.scripts import Scripts
+from batchd.settings import Settings, load_settings
+from tests.chaos.harness import DaemonProcess, Publications, daemon_env
+from tests.daemon_harness import eventually, running_daemon
+
+KEYS = Keys()
+
+
+def params(text: str) -> dict[str, Any]:
+    return {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --- a tiny job runner, the answers, the flushes ----------------------------------------------------------
+class Jobs:
+    """A batches.Scheduler that records the jobs batchd asks for and runs them on demand: a tiny arq with
+    arq's job-id rule (a job already waiting is not enqueued twice) and its deferrals."""
+
+    def __init__(self) -> None:
+        self.submits: list[str] = []
+        self.polls: list[str] = []
+        self._due: dict[tuple[str, str], float] = {}
+
+    async def submit(self, fid: str) -> None:
+        self.submits.append(fid)
+        self._due.setdefault(("submit", fid), time.monotonic())
+
+    async def poll(self, batch_id: str, defer: float) -> None:
+        self.polls.append(batch_id)
+        self._due.setdefault(("poll", batch_id), time.monotonic() + defer)
+
+    async def run(self, ctx: Context, timeout: float = 30.0) -> dict[str, str]:
+        """Run the due jobs (waiting out each deferral, as arq does) until none is left."""
+        outcomes: dict[str, str] = {}
+        deadline = time.monotonic() + timeout
+        while self._due:
+            job, when = min(self._due.items(), key=lambda item: item[1])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"jobs still due after {timeout}s: {sorted(self._due)}")
+            if when > time.monotonic():
+                await asyncio.sleep(when - time.monotonic())  # the deferral the job asked for
+            del self._due[job]
+            kind, arg = job
+            job_fn = batches.submit_flush if kind == "submit" else batches.poll_batch
+            try:
+                outcomes[f"{kind}:{arg}"] = await job_fn(ctx, arg)
+            except RetryLater as exc:
+                self._due[job] = time.monotonic() + exc.defer
+        return outcomes
+
+
+@contextlib.asynccontextmanager
+async def batch_context(
+    settings: Settings, redis: aioredis.Redis, jobs: Jobs, scripts: Scripts | None = None
+) -> AsyncIterator[Context]:
+    """A Context like the daemon's (daemon.Daemon.run), with the recording scheduler."""
+    assert settings.anthropic_api_key is not None
+    api = anthropic.AsyncAnthropic(
+        api_key=settings.anthropic_api_key.get_secret_value(),
+        base_url=settings.anthropic_base_url,
+        max_retries=2,
+    )
+    try:
+        yield Context(redis, KEYS, scripts or Scripts.register(redis), settings, api, jobs)
+    finally:
+        await api.close()
+
+
+class Answers:
+    """The delivered channel, counted from before the first submit."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.publications = Publications()
+
+    async def published(self) -> Counter[str]:
+        """Publications per request id so far (complete up to this call: a barrier comes back first)."""
+        await self.publications.barrier(self.redis, KEYS.delivered_channel)
+        return self.publications.answers()
+
+    async def assert_answered_once(self, texts: dict[str, str]) -> dict[str, Any]:
+        """Every request published exactly once, and its stored answer is its own; returns the results."""
+        assert await self.published() == Counter({rid: 1 for rid in texts})
+        lines = await self.redis.mget([KEYS.result(rid) for rid in texts])
+        results = {}
+        for (rid, text), line in zip(texts.items(), lines, strict=True):
+            assert line is not None, f"{rid} has no answer"
+            obj = orjson.loads(line)
+            assert obj["custom_id"].rpartition("-")[0] == rid
+            assert obj["result"]["type"] == "succeeded", obj
+            assert obj["result"]["message"]["content"][0]["text"] == "echo: " + text
+            results[rid] = obj
+        return results
+
+
+@pytest.fixture
+async def answers(redis_url: str) -> AsyncIterator[Answers]:
+    client = aioredis.Redis.from_url(redis_url)
+    result = Answers(client)
+    listener = asyncio.create_task(result.publications.listen(client, KEYS.delivered_channel))
+    try:
+        await asyncio.wait_for(result.publications.listening.wait(), 5)
+        yield result
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await client.aclose()
+
+
+class FlushLog:
+    """on_flush for test accumulators: which consumer sealed which flush."""
+
+    def __init__(self) -> None:
+        self.flushes: list[tuple[str, str, int]] = []
+
+    def on_flush(self, consumer: str) -> Callable[[str, str, int, int], Any]:
+        async def record(fid: str, trigger: str, n: int, nbytes: int) -> None:
+            self.flushes.append((consumer, fid, n))
+
+        return record
+
+
+def make_accumulator(
+    redis: aioredis.Redis,
+    consumer: str,
+    log: FlushLog,
+    *,
+    scripts: Scripts | None = None,
+    max_age_s: float = 0.0,
+    dead_after_s: float = 10.0,
+) -> Accumulator:
+    return Accumulator(
+        redis,
+        KEYS,
+        scripts or Scripts.register(redis),
+        consumer=consumer,
+        max_requests=1000,
+        max_bytes=10_000_000,
+        max_age_s=max_age_s,
+        on_flush=log.on_flush(consumer),
+        dead_after_s=dead_after_s,
+    )
+
+
+async def flush_queued(acc: Accumulator) -> None:
+    """One round of the accumulator: what is queued is read and (max age 0) flushed at once."""
+    await acc.ensure_group()
+    await acc.step()
+
+
+async def submit(client: AsyncClient, label: str, n: int) -> dict[str, str]:
+    texts = [f"{label} {i}" for i in range(n)]
+    rids = await client.submit_many([params(t) for t in texts])
+    return dict(zip(rids, texts, strict=True))
+
+
+async def flush_rids(redis: aioredis.Redis, fid: str) -> list[str]:
+    return [r.decode() for r in await redis.lrange(KEYS.flush_rids(fid), 0, -1)]
+
+
+async def states(redis: aioredis.Redis, rids: Sequence[str]) -> Counter[str]:
+    return Counter([(await redis.hget(KEYS.request(r), "state") or b"-").decode() for r in rids])
+
+
+# --- submit -> flush --------------------------------------------------------------------------------------
+async def test_submit_to_flush_a_dead_replicas_entries_are_claimed_a_live_replicas_are_not(
+    aredis: aioredis.Redis, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A consumer must be idle this long before it counts as gone (3 s in production).
+    monkeypatch.setattr(accumulator_module, "_CONSUMER_IDLE_MS", 100)
+    log = FlushLog()
+    dead = make_accumulator(aredis, "dead", log, max_age_s=3600)
+    live = make_accumulator(aredis, "live", log, max_age_s=3600)
+    heir = make_accumulator(aredis, "heir", log, max_age_s=0.05, dead_after_s=1.0)
+    started = now_ms()
+    await aredis.zadd(KEYS.replicas, {"dead": started, "live": started, "heir": started})
+    async with AsyncClient(settings=make_settings()) as client:
+        dead_texts = await submit(client, "read by the replica that dies", 10)
+        await dead.ensure_group()
+        await dead.step()
+        live_texts = await submit(client, "read by the replica that lives", 5)
+        await live.step()
+    assert (dead.buffered, live.buffered) == (10, 5)  # read, not flushed: in each consumer's pending list
+
+    # "dead" is SIGKILLed here: its heartbeat stops. "live" keeps beating (and is just as idle on the stream).
+    await aredis.zadd(KEYS.replicas, {"dead": started - 60_000})
+    claimed = 0
+
+    async def heir_claimed_the_dead_replicas_entries() -> bool:
+        nonlocal claimed
+        await aredis.zadd(KEYS.replicas, {"live": now_ms(), "heir": now_ms()})
+        claimed += await heir.claim_from_dead()
+        return claimed >= 10
+
+    await eventually(heir_claimed_the_dead_replicas_entries, timeout=10, interval=0.05)
+    await heir.step()  # the claimed entries are long past their age: flushed at once
+
+    assert claimed == 10
+    assert [(consumer, n) for consumer, _, n in log.flushes] == [("heir", 10)]
+    assert set(await flush_rids(aredis, log.flushes[0][1])) == set(dead_texts)
+    pending = await aredis.xpending_range(KEYS.intake, CONSUMER_GROUP, min="-", max="+", count=100)
+    assert Counter(p["consumer"].decode() for p in pending) == {"live": 5}  # the live replica keeps its own
+    assert await states(aredis, list(live_texts)) == {"queued": 5}
+
+
+async def test_submit_to_flush_a_redis_error_inside_a_flush_strands_no_request(
+    aredis: aioredis.Redis, make_settings: Callable[..., Settings]
+) -> None:
+    """The accumulator loses Redis in the middle of a flush (the commit script never ran). The daemon's
+    supervisor runs the same Accumulator again: the entries it had taken for that flush are still in its
+    pending list and must be flushed, not skipped as "already held"."""
+    scripts = Scripts.register(aredis)
+    real_commit = scripts.commit_flush
+    failures = 0
+
+    async def commit_flush_losing_redis_once(**kwargs: Any) -> Any:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise RedisConnectionError("Connection lost (injected before the script ran)")
+        return await real_commit(**kwargs)
+
+    log = FlushLog()
+    acc = make_accumulator(
+        aredis, "c1", log, scripts=dataclasses.replace(scripts, commit_flush=commit_flush_losing_redis_once)
+    )
+    async with AsyncClient(settings=make_settings()) as client:
+        texts = await submit(client, "in the flush that failed", 10)
+    stop = asyncio.Event()
+    with pytest.raises(RedisConnectionError):
+        await acc.run(stop)  # the supervisor (daemon.Daemon._supervise) logs this and runs it again
+    task = asyncio.create_task(acc.run(stop))
+
+    async def all_flushed() -> bool:
+        return await states(aredis, list(texts)) == {"flushed": 10}
+
+    try:
+        await eventually(all_flushed, timeout=5)
+    except AssertionError:
+        pending = await aredis.xpending(KEYS.intake, CONSUMER_GROUP)
+        raise AssertionError(
+            f"requests stranded after the flush failed: states {dict(await states(aredis, list(texts)))}, "
+            f"still pending for the (live) consumer: {pending['pending']}; nothing will ever read them again"
+        ) from None
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert failures == 1
+
+
+# --- inside a chunked flush -------------------------------------------------------------------------------
+async def test_inside_a_chunked_flush_the_unsealed_flush_is_sealed_by_reconcile_and_answered(
+    aredis: aioredis.Redis,
+    make_settings: Callable[..., Settings],
+    emulator: Any,
+    answers: Answers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batches, "STALE_BUILDING_S", 0.5)
+    monkeypatch.setattr(accumulator_module, "_CONSUMER_IDLE_MS", 100)
+    settings = make_settings(emulator=True)
+    scripts = Scripts.register(aredis)
+    async with AsyncClient(settings=settings) as client:
+        texts = await submit(client, "chunked", 7)
+    await aredis.xgroup_create(KEYS.intake, CONSUMER_GROUP, id="0", mkstream=True)
+    reply = await aredis.xreadgroup(CONSUMER_GROUP, "dying", {KEYS.intake: ">"}, count=100)
+    entries = [(eid.decode(), fields[b"rid"].decode()) for eid, fields in reply[0][1]]
+    assert [rid for _, rid in entries] == list(texts)
+
+    # The accumulator commits the first chunk of its flush, then dies: no second chunk, no seal.
+    fid = f"{now_ms()}-deadbeef0001"
+    first, rest = entries[:4], entries[4:]
+    args: list[Any] = [CONSUMER_GROUP, fid, now_ms()]
+    for entry_id, rid in first:
+        args += [entry_id, rid]
+    await scripts.commit_flush(
+        keys=[KEYS.intake, KEYS.queue_stats, KEYS.flush(fid), KEYS.flush_rids(fid), KEYS.flushes]
+        + [KEYS.request(rid) for _, rid in first],
+        args=args,
+        client=aredis,
+    )
+    assert await aredis.hget(KEYS.flush(fid), "state") == b"building"
+
+    jobs = Jobs()
+    async with batch_context(settings, aredis, jobs) as ctx:
+        # Too young to be abandoned: a live accumulator may still be adding chunks.
+        assert (await batches.reconcile(ctx))["sealed"] == 0
+        assert jobs.submits == []
+
+        async def reconcile_sealed_it() -> bool:
+            await aredis.delete(KEYS.reconcile_lock)  # the cron's own lock; the test runs it back to back
+            return (await batches.reconcile(ctx))["sealed"] == 1
+
+        await eventually(reconcile_sealed_it, timeout=5, interval=0.05)
+        assert await aredis.hget(KEYS.flush(fid), "state") == b"sealed"
+        assert jobs.submits == [fid]
+
+        # The entries of the chunk that never ran are still the dead consumer's: claimed and flushed.
+        log = FlushLog()
+        heir = make_accumulator(aredis, "heir", log, dead_after_s=0.2)
+        await aredis.zadd(KEYS.replicas, {"heir": now_ms()})
+
+        async def heir_flushed_the_rest() -> bool:
+            await heir.claim_from_dead()
+            await heir.step()
+            return sum(n for _, _, n in log.flushes) == len(rest)
+
+        await eventually(heir_flushed_the_rest, timeout=10, interval=0.05)
+        for _, heir_fid, _ in log.flushes:
+            await jobs.submit(heir_fid)
+        await jobs.run(ctx)
+
+    assert await flush_rids(aredis, fid) == [rid for _, rid in first]
+    await answers.assert_answered_once(texts)
+    stats = emulator.stats()
+    assert (stats["requests_received"], stats["duplicate_custom_ids"]) == (7, 0)
+
+
+# --- between seal and the submit job ----------------------------------------------------------------------
+async def test_between_seal_and_submit_job_reconcile_submits_the_sealed_flush(
+    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+) -> None:
+    settings = make_settings(emulator=True)
+    log = FlushLog()  # its on_flush enqueues nothing: the replica died right after seal_flush
+    async with AsyncClient(settings=settings) as client:
+        texts = await submit(client, "sealed, never enqueued", 5)
+    await flush_queued(make_accumulator(aredis, "acc", log))
+    [(_, fid, n)] = log.flushes
+    assert n == 5 and await aredis.hget(KEYS.flush(fid), "state") == b"sealed"
+
+    jobs = Jobs()
+    async with batch_context(settings, aredis, jobs) as ctx:
+        assert (await batches.reconcile(ctx))["submit"] == 1
+        assert jobs.submits == [fid]
+        await jobs.run(ctx)
+    await answers.assert_answered_once(texts)
+    assert emulator.stats()["batches_created"] == 1
+
+
+# --- between the intent and batches.create returning ------------------------------------------------------
+class ProcessKilled(BaseException):
+    """The replica dies here (a BaseException: no `except Exception` in the SDK or batchd stops it)."""
+
+
+class DiesAroundCreate(httpx2.AsyncBaseTransport):
+    """An HTTP transport for the SDK that lets every call through, except that the process dies at the
+    batches.create POST: before it leaves (``reached_api=False``), or once the API has created the batch
+    and before its reply is read (``reached_api=True``). Everything submit_flush wrote before the POST
+    stays in Redis exactly as it wrote it."""
+
+    def __init__(self, *, reached_api: bool) -> None:
+        self.inner = httpx2.AsyncHTTPTransport()
+        self.reached_api = reached_api
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if request.method == "POST" and request.url.path == "/v1/messages/batches":
+            if self.reached_api:
+                response = await self.inner.handle_async_request(request)
+                await response.aread()
+                await response.aclose()
+            raise ProcessKilled
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def die_around_create(
+    settings: Settings, redis: aioredis.Redis, fid: str, *, reached_api: bool
+) -> None:
+    """Run submit_flush in a replica that dies at its create POST."""
+    assert settings.anthropic_api_key is not None
+    http = httpx2.AsyncClient(transport=DiesAroundCreate(reached_api=reached_api))
+    api = anthropic.AsyncAnthropic(
+        api_key=settings.anthropic_api_key.get_secret_value(),
+        base_url=settings.anthropic_base_url,
+        http_client=http,
+    )
+    try:
+        ctx = Context(redis, KEYS, Scripts.register(redis), settings, api, Jobs())
+        with pytest.raises(ProcessKilled):
+            await batches.submit_flush(ctx, fid)
+    finally:
+        await api.close()
+        await http.aclose()
+
+
+async def test_between_intent_and_create_returning_the_orphan_batch_is_adopted_not_created_again(
+    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+) -> None:
+    settings = make_settings(emulator=True)
+    log = FlushLog()
+    async with AsyncClient(settings=settings) as client:
+        texts = await submit(client, "created, never recorded", 5)
+    await flush_queued(make_accumulator(aredis, "acc", log))
+    [(_, fid, _)] = log.flushes
+
+    await die_around_create(settings, aredis, fid, reached_api=True)
+    assert emulator.stats()["batches_created"] == 1
+    assert await aredis.hget(KEYS.flush(fid), "state") == b"submitting"
+    assert await aredis.zcard(KEYS.known_batches) == 0  # the API has a batch batchd never recorded
+
+    jobs = Jobs()
+    async with batch_context(settings, aredis, jobs) as ctx:
+        # The job runs again (arq re-runs it; the reconciler re-enqueues it).
+        orphan = await batches.submit_flush(ctx, fid)
+        assert emulator.stats()["batches_created"] == 1  # adopted, not created again
+        assert await aredis.hmget(KEYS.flush(fid), ["state", "batch"]) == [b"submitted", orphan.encode()]
+        assert orjson.loads(await aredis.lindex(KEYS.recent_flushes, 0))["adopted"] is True
+        assert jobs.polls == [orphan]
+        await jobs.run(ctx)
+    await answers.assert_answered_once(texts)
+    stats = emulator.stats()
+    assert (stats["batches_created"], stats["requests_received"], stats["duplicate_custom_ids"]) == (1, 5, 0)
+
+
+async def test_between_intent_and_create_returning_nothing_created_means_one_create(
+    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+) -> None:
+    """The job died after recording its intent, before the POST left: no orphan to find, so the retry
+    creates the batch, once."""
+    settings = make_settings(emulator=True)
+    log = FlushLog()
+    async with AsyncClient(settings=settings) as client:
+        texts = await submit(client, "intent only", 5)
+    await flush_queued(make_accumulator(aredis, "acc", log))
+    [(_, fid, _)] = log.flushes
+
+    await die_around_create(settings, aredis, fid, reached_api=False)
+    assert await aredis.hget(KEYS.flush(fid), "state") == b"submitting"
+    assert emulator.stats()["batches_created"] == 0
+    jobs = Jobs()
+    async with batch_context(settings, aredis, jobs) as ctx:
+        await jobs.submit(fid)
+        await jobs.run(ctx)
+    await answers.assert_answered_once(texts)
+    stats = emulator.stats()
+    assert (stats["batches_created"], stats["duplicate_custom_ids"]) == (1, 0)
+
+
+async def test_between_intent_and_create_returning_another_flushs_orphan_is_not_adopted(
+    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+) -> None:
+    """Two flushes of the same size. A's replica died once the API had created A's batch (the orphan); the
+    create lock was freed; B's create then failed with a retryable error that created nothing (500/529),
+    so B is 'submitting' too. B's retry must not take A's orphan for its own: if it does, A's retry finds
+    no orphan and sends A's requests again (paid twice), and B's requests burn an attempt unsent."""
+    settings = make_settings(emulator=True)
+    log = FlushLog()
+    acc = make_accumulator(aredis, "acc", log)
+    async with AsyncClient(settings=settings) as client:
+        texts_a = await submit(client, "flush A", 5)
+        await flush_queued(acc)
+        texts_b = await submit(client, "flush B", 5)
+        await flush_queued(acc)
+    [(_, fid_a, _), (_, fid_b, _)] = log.flushes
+
+    await die_around_create(settings, aredis, fid_a, reached_api=True)
+    [orphan_a] = [b.id async for b in _batches(settings)]
+    jobs = Jobs()
+    async with batch_context(settings, aredis, jobs) as ctx:
+        emulator.configure(create_error_rate=1.0)
+        with pytest.raises(RetryLater):
+            await batches.submit_flush(ctx, fid_b)
+        emulator.configure(create_error_rate=0.0)
+        assert await aredis.hget(KEYS.flush(fid_b), "state") == b"submitting"
+        # The two jobs run again, B's first (A's waits out arq's in-progress TTL).
+        await batches.submit_flush(ctx, fid_b)
+        await batches.submit_flush(ctx, fid_a)
+        batch_a = (await aredis.hget(KEYS.flush(fid_a), "batch") or b"").decode()
+        batch_b = (await aredis.hget(KEYS.flush(fid_b), "batch") or b"").decode()
+        outcome = {
+            "A kept its own batch": batch_a == orphan_a,
+            "B took A's batch": batch_b == orphan_a,
+            "duplicate_custom_ids": emulator.stats()["duplicate_custom_ids"],
+        }
+        assert outcome == {"A kept its own batch": True, "B took A's batch": False, "duplicate_custom_ids": 0}
+        await jobs.run(ctx)
+    await answers.assert_answered_once({**texts_a, **texts_b})
+    attempts = [int(await aredis.hget(KEYS.request(r), "attempts")) for r in [*texts_a, *texts_b]]
+    assert attempts == [1] * 10
+
+
+async def _batches(settings: Settings) -> AsyncIterator[Any]:
+    assert settings.anthropic_api_key is not None
+    async with anthropic.AsyncAnthropic(
+        api_key=settings.anthropic_api_key.get_secret_value(), base_url=settings.anthropic_base_url
+    ) as api:
+        async for batch in api.messages.batches.list():
+            yield batch
+
+
+# --- inside fan-out ---------------------------------------------------------------------------------------
+async def test_inside_fanout_a_cut_results_stream_resumes_from_its_checkpoint_and_delivers_once(
+    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+) -> None:
+    n = 1300  # more than two deliver chunks (500 lines each), so the cursor checkpoints mid-stream
+    settings = make_settings(emulator=True)
+    scripts = Scripts.register(aredis)
+    real_deliver = scripts.deliver
+    deliver_calls = 0
+
+    def counting_deliver(**kwargs: Any) -> Any:
+        nonlocal deliver_calls
+        deliver_calls += 1
+        return real_deliver(**kwargs)
+
+    log = FlushLog()
+    async with AsyncClient(settings=settings) as client:
+        texts = await submit(client, "fan-out", n)
+    acc = make_accumulator(aredis, "acc", log, max_age_s=3600)
+    acc.max_requests = n  # one flush of all n, by count
+
+    await acc.ensure_group()
+
+    async def flushed_all() -> bool:
+        await acc.step()
+        return sum(count for _, _, count in log.flushes) == n
+
+    await eventually(flushed_all, timeout=10)
+    [(_, fid, _)] = log.flushes
+
+    jobs = Jobs()
+    ctx_scripts = dataclasses.replace(scripts, deliver=counting_deliver)
+    async with batch_context(settings, aredis, jobs, ctx_scripts) as ctx:
+        batch_id = await batches.submit_flush(ctx, fid)
+        ended = await anthropic_wait_ended(ctx, batch_id)
+        assert ended
+
+        emulator.configure(results_cut_rate=1.0, seed=20_241)  # every download breaks off somewhere
+        cursors = []
+        while len(cursors) < 30 and not (cursors and cursors[-1] >= 500):
+            with pytest.raises(RetryLater, match="broke off"):
+                await batches.fanout_results(ctx, batch_id)
+            cursors.append(int(await aredis.hget(KEYS.batch(batch_id), "cursor") or 0))
+        assert cursors[-1] >= 500, f"no checkpoint in {len(cursors)} cut downloads: {cursors}"
+        assert cursors == sorted(cursors), "the checkpoint moved back"
+        cursor = cursors[-1]
+        during_cuts = await answers.published()
+        assert set(during_cuts.values()) == {1} and len(during_cuts) >= cursor
+
+        emulator.configure(results_cut_rate=0.0)
+        calls_before = deliver_calls
+        assert await batches.fanout_results(ctx, batch_id) == "delivered"
+        assert deliver_calls - calls_before == n - cursor, (
+            "the complete download did not resume at the cursor"
+        )
+        results = await answers.assert_answered_once(texts)
+
+        # Running the fan-out (or the poll) of a finished batch again answers nobody twice.
+        assert await batches.fanout_results(ctx, batch_id) == "delivered"
+        assert await batches.poll_batch(ctx, batch_id) == "done"
+        assert await answers.published() == Counter({rid: 1 for rid in texts})
+        again = await aredis.mget([KEYS.result(rid) for rid in texts])
+        assert [orjson.loads(line) for line in again] == list(results.values())
+    assert emulator.stats()["results_cut"] == len(cursors)
+
+
+async def anthropic_wait_ended(ctx: Context, batch_id: str, within: float = 10.0) -> bool:
+    return (await async_wait_for_batch(ctx.api, batch_id, within=within)).processing_status == "ended"
+
+
+async def test_inside_fanout_a_cut_after_many_polls_is_retried_within_seconds(
+    make_settings: Callable[..., Settings], emulator: Any
+) -> None:
+    """The backoff after a broken results download counts failed downloads of this batch, not polls:
+    a batch polled twenty times and then cut once must not wait the 60 s cap (arq's job_try, once used as
+    the attempt, counts every run of the poll job)."""
+    emulator.configure(processing_seconds=3.0)
+    settings = make_settings(
+        emulator=True, max_batch_age_seconds=0.1, poll_min_seconds=0.1, poll_max_seconds=0.15
+    )
+    async with running_daemon(settings), AsyncClient(settings=settings) as client:
+        rid = await client.submit(params("cut once, after a long wait"))
+        emulator.configure(results_cut_rate=1.0)
+
+        async def cut_once() -> bool:
+            return emulator.stats()["results_cut"] >= 1
+
+        await eventually(cut_once, timeout=30, interval=0.01)
+        emulator.configure(results_cut_rate=0.0)
+        cut_at = time.monotonic()
+        result = await client.peek(rid)
+        assert result is None
+
+        async def answered() -> bool:
+            return await client.peek(rid) is not None
+
+        try:
+            await eventually(answered, timeout=10)
+        except AssertionError:
+            polls = int(await client.redis.hget(client.keys.batch(await _only_batch(client)), "polls") or 0)
+            raise AssertionError(
+                f"still unanswered {time.monotonic() - cut_at:.0f}s after one cut results download; "
+                f"the batch had been polled {polls} times before the cut"
+            ) from None
+    assert emulator.stats()["results_cut"] == 1
+
+
+async def _only_batch(client: AsyncClient) -> str:
+    [batch_id] = await client.redis.zrange(client.keys.known_batches, 0, -1)
+    return str(batch_id.decode())
+
+
+# --- a job SIGKILLed inside arq ---------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+async def test_arq_job_killed_mid_poll_runs_again_within_job_timeout(
+    redis_url: str, aredis: aioredis.Redis, emulator: Any, tmp_path: Path
+) -> None:
+    """A replica is SIGKILLed while its poll job runs. arq leaves the job's in-progress key behind, and
+    no worker runs the job until that key expires. Settings promise job_timeout_seconds + 10 s."""
+    job_timeout = 5
+    env = daemon_env(
+        redis_url,
+        emulator.base_url,
+        max_batch_age_seconds=0.1,
+        poll_min_seconds=0.1,
+        poll_max_seconds=0.5,
+        job_timeout_seconds=job_timeout,
+    )
+    first, second = DaemonProcess("first", env, tmp_path), DaemonProcess("second", env, tmp_path)
+    emulator.configure(processing_seconds=3.0)
+    try:
+        first.start()
+        async with AsyncClient(settings=load_settings(redis_url=redis_url)) as client:
+            rid = await client.submit(params("killed mid-poll"))
+
+            async def batch_open() -> bool:
+                return bool(await aredis.zcard(KEYS.open_batches))
+
+            await eventually(batch_open, timeout=30)
+            [raw_batch] = await aredis.zrange(KEYS.open_batches, 0, -1)
+            in_progress = f"arq:in-progress:poll:{raw_batch.decode()}"
+            # Hold the poll job inside its run: every API call is a 429 with retry-after 3 s for a while.
+            emulator.configure(rate_limit_rate=1.0, retry_after_seconds=3)
+
+            async def poll_job_running() -> bool:
+                return bool(await aredis.exists(in_progress))
+
+            await eventually(poll_job_running, timeout=10, interval=0.01)
+            first.kill()
+            killed_at = time.monotonic()
+            emulator.configure(rate_limit_rate=0.0, retry_after_seconds=0)
+            ttl_s = await aredis.pttl(in_progress) / 1000
+            assert ttl_s <= job_timeout + 10, (
+                f"a killed job is blocked for {ttl_s:.0f}s by arq's in-progress key "
+                f"(job_timeout_seconds={job_timeout})"
+            )
+            second.start()
+            result = await client.result(rid, timeout=job_timeout + 10 + 10)
+            assert result.type == "succeeded"
+            assert time.monotonic() - killed_at < job_timeout + 20
+    finally:
+        first.kill()
+        second.kill()

@@ -115,6 +115,7 @@ async def submit_flush(ctx: Context, fid: str) -> str:
             # From here until the outcome is known, this is the one create that may be unrecorded.
             pipe.set(k.create_inflight, fid)
             await pipe.execute()
+        flush["sent"] = str(len(items))  # canceled requests are not sent: record the batch's real size
         metrics.API_REQUESTS.labels(op="create").inc()
         try:
             batch = await ctx.api.post(

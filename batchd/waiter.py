@@ -56,7 +56,11 @@ class ResultWaiter:
             self._ensure_listener()
             async with asyncio.timeout(timeout):
                 await self._subscribed.wait()
-                line = await fetch()
+                try:
+                    line = await fetch()
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    # Lost Redis just now: the listener re-checks every pending id once it reconnects.
+                    line = None
                 if line is not None:
                     return line
                 return await future

@@ -130,7 +130,7 @@ async def submit_flush(ctx: Context, fid: str) -> str:
                 },
             )
         except anthropic.APIStatusError as exc:
-            metrics.API_ERRORS.labels(op="create", kind=metrics.classify_api_error(exc)).inc()
+            metrics.count_api_error("create", exc)
             if _retryable_status(exc.status_code):
                 if exc.status_code in _NOT_CREATED_STATUS:
                     await ctx.redis.delete(k.create_inflight)
@@ -142,7 +142,7 @@ async def submit_flush(ctx: Context, fid: str) -> str:
             await ctx.redis.delete(k.create_inflight)
             return "failed"
         except anthropic.APIConnectionError as exc:
-            metrics.API_ERRORS.labels(op="create", kind=metrics.classify_api_error(exc)).inc()
+            metrics.count_api_error("create", exc)
             errors = await ctx.redis.hincrby(k.flush(fid), "errors", 1)
             raise RetryLater(_backoff(errors), f"create: {type(exc).__name__}") from exc
         await _record_batch(ctx, fid, batch, flush, adopted=False)
@@ -218,7 +218,7 @@ async def _find_orphan(ctx: Context, intent_ms: int, sent: int) -> MessageBatch 
             if total == sent:
                 candidates.append(batch)
     except (anthropic.APIStatusError, anthropic.APIConnectionError) as exc:
-        metrics.API_ERRORS.labels(op="list", kind=metrics.classify_api_error(exc)).inc()
+        metrics.count_api_error("list", exc)
         # Not knowing is not "no orphan": submitting now could pay twice.
         raise RetryLater(2.0, "list batches failed while looking for an orphan") from exc
     if not candidates:
@@ -312,18 +312,18 @@ async def poll_batch(ctx: Context, batch_id: str) -> str:
     try:
         batch = await ctx.api.messages.batches.retrieve(batch_id)
     except anthropic.NotFoundError as exc:
-        metrics.API_ERRORS.labels(op="retrieve", kind="not_found").inc()
+        metrics.count_api_error("retrieve", exc)
         age = time.time() - int(record.get("created", 0)) / 1000
         if age < _TRANSIENT_404_S:
             raise RetryLater(ctx.settings.poll_min_seconds, "batch not visible yet (transient 404)") from exc
         log.error("batch %s answers 404 %.0fs after create; still polling", batch_id, age)
         raise RetryLater(ctx.settings.poll_max_seconds, "batch not found") from exc
     except anthropic.APIStatusError as exc:
-        metrics.API_ERRORS.labels(op="retrieve", kind=metrics.classify_api_error(exc)).inc()
+        metrics.count_api_error("retrieve", exc)
         errors = await ctx.redis.hincrby(k.batch(batch_id), "errors", 1)
         raise RetryLater(_retry_after(exc) or _backoff(errors), f"retrieve: HTTP {exc.status_code}") from exc
     except anthropic.APIConnectionError as exc:
-        metrics.API_ERRORS.labels(op="retrieve", kind=metrics.classify_api_error(exc)).inc()
+        metrics.count_api_error("retrieve", exc)
         errors = await ctx.redis.hincrby(k.batch(batch_id), "errors", 1)
         raise RetryLater(_backoff(errors), f"retrieve: {type(exc).__name__}") from exc
     if int(record.get("errors", 0)):
@@ -373,10 +373,10 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
                 await deliver_lines(ctx, pending)
                 await ctx.redis.hset(k.batch(batch_id), "cursor", lineno)
     except anthropic.NotFoundError as exc:
-        metrics.API_ERRORS.labels(op="results", kind="not_found").inc()
+        metrics.count_api_error("results", exc)
         raise RetryLater(ctx.settings.poll_min_seconds, "results not visible yet") from exc
     except (anthropic.APIError, httpx2.HTTPError, OSError) as exc:
-        metrics.API_ERRORS.labels(op="results", kind=metrics.classify_api_error(exc)).inc()
+        metrics.count_api_error("results", exc)
         log.warning(
             "results of %s broke off after line %d (%s); resuming", batch_id, lineno, type(exc).__name__
         )
@@ -480,7 +480,9 @@ async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bo
                 metrics.REQUEST_LATENCY.observe(max(0.0, (now_ms - int(enq)) / 1000))
         elif code == 2:
             tally["requeued"] += 1
-            metrics.REQUESTS_RETRIED.labels(reason=_retry_reason(rtype, inner)).inc()
+            metrics.REQUESTS_RETRIED.labels(
+                reason=metrics.retry_reason("expired" if rtype == "expired" else inner)
+            ).inc()
         elif code == 0:
             tally["duplicate"] += 1
         else:
@@ -492,12 +494,6 @@ async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bo
             if isinstance(usage, dict):
                 metrics.record_usage(str(message.get("model", "")), usage)
     return tally
-
-
-def _retry_reason(rtype: str, inner: str | None) -> str:
-    if rtype == "expired":
-        return "expired"
-    return inner if inner in RETRYABLE_ERROR_TYPES else "other"
 
 
 # --- reconcile --------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import anthropic
 import httpx2
@@ -11,13 +10,7 @@ import pytest
 
 from batchd.emulator import EmulatorConfig, EmulatorThread
 from batchd.emulator.testing import async_wait_for_batch
-
-
-def req(custom_id: str, text: str = "hello") -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "params": {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": text}]},
-    }
+from tests.emulator_helpers import req
 
 
 @pytest.fixture

@@ -12,15 +12,9 @@ import pytest
 
 from batchd.emulator import EmulatorConfig, EmulatorThread
 from batchd.emulator.testing import wait_for_batch
+from tests.emulator_helpers import req
 
 HEADERS = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
-
-
-def req(custom_id: str, text: str = "hello") -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "params": {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": text}]},
-    }
 
 
 @pytest.fixture

@@ -14,18 +14,9 @@ from anthropic.types.messages import MessageBatch
 
 from batchd.emulator import EmulatorConfig, EmulatorThread
 from batchd.emulator.testing import wait_for_batch
+from tests.emulator_helpers import req
 
 RFC3339_MICRO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-def req(custom_id: str, text: str = "hello", **params: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": "claude-haiku-4-5",
-        "max_tokens": 16,
-        "messages": [{"role": "user", "content": text}],
-    }
-    body.update(params)
-    return {"custom_id": custom_id, "params": body}
 
 
 @pytest.fixture

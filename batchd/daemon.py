@@ -33,6 +33,7 @@ from .errors import ConfigError
 from .health import Health
 from .keys import Keys
 from .logs import log_event, register_secret
+from .ops import start_ops_server
 from .scripts import Scripts
 from .settings import Settings, redact_url
 
@@ -95,7 +96,7 @@ class Daemon:
             redis=redact_url(s.redis_url),
             api=s.anthropic_base_url or "https://api.anthropic.com",
         )
-        server = await metrics.start_http_server(s.metrics_host, s.metrics_port, self.health)
+        server = await start_ops_server(s.metrics_host, s.metrics_port, self.health)
         self.metrics_port = server.port
         self.health.add_check("redis", self.redis.ping)
         self.health.add_check("anthropic", self._check_api)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one daemon replica, and the HTTP server for /metrics, /healthz and /readyz.
+"""Prometheus metrics of one daemon replica (served by ``ops.py``).
 
 Every metric lives in :data:`REGISTRY` (not prometheus_client's global one), so importing batchd never adds
 series to an application's own registry. Every label takes values from a small fixed set, listed on each
@@ -18,14 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import anthropic
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from . import pricing
-from .health import Health
 
 __all__ = [
     "API_ERRORS",
@@ -48,7 +45,6 @@ __all__ = [
     "SAVINGS_USD",
     "TOKENS",
     "TOKEN_KINDS",
-    "MetricsServer",
     "QueueGauges",
     "QueueSnapshot",
     "classify_api_error",
@@ -57,7 +53,6 @@ __all__ = [
     "queue_gauges",
     "record_usage",
     "retry_reason",
-    "start_http_server",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -322,52 +317,3 @@ class QueueGauges(Collector):
 
 queue_gauges = QueueGauges()
 REGISTRY.register(queue_gauges)
-
-
-# --- HTTP ---------------------------------------------------------------------------------------------------
-
-
-class MetricsServer:
-    """The running /metrics, /healthz, /readyz server. ``port`` is the bound port (useful with port 0)."""
-
-    def __init__(self, runner: web.AppRunner, port: int) -> None:
-        self._runner = runner
-        self.port = port
-
-    async def close(self) -> None:
-        await self._runner.cleanup()
-
-
-def _make_app(health: Health) -> web.Application:
-    async def metrics(_request: web.Request) -> web.Response:
-        # Set the header directly: aiohttp's content_type= refuses a value carrying parameters.
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(_request: web.Request) -> web.Response:
-        alive, body = health.liveness()
-        return web.json_response(body, status=200 if alive else 503)
-
-    async def readyz(_request: web.Request) -> web.Response:
-        ready, body = await health.readiness()
-        return web.json_response(body, status=200 if ready else 503)
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
-
-
-async def start_http_server(host: str, port: int, health: Health) -> MetricsServer:
-    """Serve ``GET /metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0: any free port)."""
-    # No access log: a scrape every few seconds would bury the daemon's own lines.
-    runner = web.AppRunner(_make_app(health), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0][1]
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return MetricsServer(runner, int(bound))

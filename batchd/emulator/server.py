@@ -8,51 +8,19 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TypeVar
 
-from aiohttp import web
-from aiohttp.log import access_logger
-
+from ..httpserver import serve_app, url_for
 from .app import create_app
 from .config import EmulatorConfig
 from .state import EmulatorState
 
-__all__ = ["DEFAULT_PORT", "EmulatorThread", "serve", "start_site"]
+__all__ = ["DEFAULT_PORT", "EmulatorThread", "serve"]
 
 DEFAULT_PORT = 8765
-# How long a stop waits for requests in flight (e.g. a results download) before cancelling them.
-_SHUTDOWN_TIMEOUT = 2.0
 # Shorter in-process: a test suite stops one emulator per test, and aiohttp can sit out the whole
 # timeout on a connection still lingering after an early 413.
 _THREAD_SHUTDOWN_TIMEOUT = 0.25
 
 _T = TypeVar("_T")
-
-
-async def start_site(
-    app: web.Application,
-    host: str,
-    port: int,
-    *,
-    access_log: bool = False,
-    shutdown_timeout: float = _SHUTDOWN_TIMEOUT,
-) -> tuple[web.AppRunner, int]:
-    """Start listening; returns the runner (`cleanup()` stops it) and the bound port (for port 0)."""
-    runner = web.AppRunner(
-        app, access_log=access_logger if access_log else None, shutdown_timeout=shutdown_timeout
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = port
-    for address in runner.addresses:
-        # (host, port) for IPv4, (host, port, flow, scope) for IPv6.
-        if isinstance(address, tuple):
-            bound = int(address[1])
-            break
-    return runner, bound
 
 
 async def serve(
@@ -64,18 +32,13 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until cancelled. `on_ready` gets the base URL once the socket listens."""
-    runner, bound = await start_site(create_app(config), host, port, access_log=access_log)
+    site = await serve_app(create_app(config), host, port, access_log=access_log)
     try:
         if on_ready is not None:
-            on_ready(_url(host, bound))
+            on_ready(site.url)
         await asyncio.Event().wait()
     finally:
-        await runner.cleanup()
-
-
-def _url(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+        await site.close()
 
 
 class EmulatorThread:
@@ -100,7 +63,7 @@ class EmulatorThread:
 
     @property
     def base_url(self) -> str:
-        return _url(self.host, self.port)
+        return url_for(self.host, self.port)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -169,12 +132,13 @@ class EmulatorThread:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        runner, self.port = await start_site(
+        site = await serve_app(
             create_app(state=self._state), self.host, self.port, shutdown_timeout=_THREAD_SHUTDOWN_TIMEOUT
         )
+        self.port = site.port
         self._loop = asyncio.get_running_loop()
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
-            await runner.cleanup()
+            await site.close()

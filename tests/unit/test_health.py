@@ -10,8 +10,9 @@ import pytest
 
 from batchd import logs
 from batchd.health import Health
+from batchd.httpserver import Site
 from batchd.logs import register_secret
-from batchd.metrics import MetricsServer, start_http_server
+from batchd.ops import start_ops_server
 
 
 class FakeClock:
@@ -161,8 +162,8 @@ async def test_checks_time_out_and_run_concurrently() -> None:
 
 
 @pytest.fixture
-async def served(health: Health) -> AsyncIterator[tuple[MetricsServer, aiohttp.ClientSession]]:
-    server = await start_http_server("127.0.0.1", 0, health)
+async def served(health: Health) -> AsyncIterator[tuple[Site, aiohttp.ClientSession]]:
+    server = await start_ops_server("127.0.0.1", 0, health)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as session:
             yield server, session
@@ -177,7 +178,7 @@ async def get_json(session: aiohttp.ClientSession, path: str) -> tuple[int, Any]
 
 
 async def test_healthz_over_http(
-    served: tuple[MetricsServer, aiohttp.ClientSession], health: Health, clock: FakeClock
+    served: tuple[Site, aiohttp.ClientSession], health: Health, clock: FakeClock
 ) -> None:
     server, session = served
     assert server.port > 0
@@ -195,7 +196,7 @@ async def test_healthz_over_http(
     assert status == 200
 
 
-async def test_readyz_over_http(served: tuple[MetricsServer, aiohttp.ClientSession], health: Health) -> None:
+async def test_readyz_over_http(served: tuple[Site, aiohttp.ClientSession], health: Health) -> None:
     _, session = served
     healthy = True
 
@@ -214,7 +215,7 @@ async def test_readyz_over_http(served: tuple[MetricsServer, aiohttp.ClientSessi
     assert body["checks"]["redis"] == {"ok": False, "error": "OSError: Connection refused"}
 
 
-async def test_unknown_path_is_404(served: tuple[MetricsServer, aiohttp.ClientSession]) -> None:
+async def test_unknown_path_is_404(served: tuple[Site, aiohttp.ClientSession]) -> None:
     _, session = served
     async with session.get("/nope") as response:
         assert response.status == 404

@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from batchd import metrics
 from batchd.health import Health
+from batchd.httpserver import Site
 from batchd.metrics import (
     API_ERROR_KINDS,
     REGISTRY,
@@ -22,6 +23,7 @@ from batchd.metrics import (
     record_usage,
     retry_reason,
 )
+from batchd.ops import start_ops_server
 
 QUEUE_FAMILIES = (
     "batchd_intake_pending_requests",
@@ -247,8 +249,8 @@ async def test_metrics_endpoint_passes_promtool() -> None:
     assert proc.returncode == 0, output.decode()
 
 
-async def start(health: Health) -> metrics.MetricsServer:
-    return await metrics.start_http_server("127.0.0.1", 0, health)
+async def start(health: Health) -> Site:
+    return await start_ops_server("127.0.0.1", 0, health)
 
 
 async def test_server_port_and_close() -> None:
@@ -265,6 +267,6 @@ async def test_port_in_use_is_an_error() -> None:
     first = await start(Health())
     try:
         with pytest.raises(OSError):
-            await metrics.start_http_server("127.0.0.1", first.port, Health())
+            await start_ops_server("127.0.0.1", first.port, Health())
     finally:
         await first.close()

@@ -1,9 +1,14 @@
-"""batchd: call Claude one request at a time and pay Message Batches prices."""
+"""batchd: call Claude one request at a time and pay Message Batches prices.
 
-from typing import TYPE_CHECKING
+The names in ``__all__`` are the public API. Every module and subpackage (``batchd.store``,
+``batchd.batches``, ``batchd.emulator``, ...) is internal unless its own docs say otherwise.
+"""
+
+import typing
 
 from .errors import (
     BatchdError,
+    ClientClosed,
     ConfigError,
     InvalidParams,
     InvalidRequest,
@@ -19,16 +24,17 @@ from .errors import (
     ResultTimeout,
 )
 from .settings import Settings, load_settings
+from .version import __version__
 
-if TYPE_CHECKING:
-    from .client import AsyncClient, Client
-
-__version__ = "0.1.0"
+if typing.TYPE_CHECKING:
+    from .client import AsyncClient
+    from .syncclient import Client
 
 __all__ = [
     "AsyncClient",
     "BatchdError",
     "Client",
+    "ClientClosed",
     "ConfigError",
     "InvalidParams",
     "InvalidRequest",
@@ -50,8 +56,12 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # The client pulls in the anthropic SDK (over a second to import): the CLI's --help should not wait.
-    if name in ("AsyncClient", "Client"):
-        from . import client
+    if name == "AsyncClient":
+        from .client import AsyncClient
 
-        return getattr(client, name)
+        return AsyncClient
+    if name == "Client":
+        from .syncclient import Client
+
+        return Client
     raise AttributeError(f"module 'batchd' has no attribute {name!r}")

@@ -14,20 +14,14 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from redis.exceptions import ResponseError
 
 from .batchbody import EMPTY_BODY_SIZE, item_size
-from .keys import CONSUMER_GROUP, Keys, split_custom_id
 from .logs import log_event
-from .scripts import Scripts
+from .store import IntakeEntry, Store, Trigger, now_ms, split_custom_id
 
-__all__ = ["Accumulator", "Entry", "Trigger"]
+__all__ = ["Accumulator", "Entry"]
 
 log = logging.getLogger(__name__)
-
-Trigger = str  # "count" | "bytes" | "age"
 
 # Lua's unpack() fails near 8000 arguments; commit_flush unpacks the entry ids of one chunk.
 FLUSH_CHUNK = 5000
@@ -42,15 +36,23 @@ _CONSUMER_IDLE_MS = 3000
 
 @dataclass(slots=True)
 class Entry:
-    entry_id: str
-    rid: str
-    size: int  # bytes this request adds to the create body (without the separating comma)
+    """A buffered intake entry and the bytes it adds to the create body (without the separating comma)."""
+
+    intake: IntakeEntry
+    size: int
     first_attempt: bool
 
     @property
     def ms(self) -> int:
-        """When the entry was queued: a stream id starts with its creation time in milliseconds."""
-        return int(self.entry_id.split("-", 1)[0])
+        return self.intake.ms
+
+    @classmethod
+    def of(cls, intake: IntakeEntry) -> Entry:
+        try:
+            first = split_custom_id(intake.custom_id)[1] == 1
+        except ValueError:
+            first = False
+        return cls(intake, item_size(len(intake.custom_id), intake.params_bytes), first)
 
 
 @dataclass
@@ -74,9 +76,7 @@ class _Buffer:
 class Accumulator:
     def __init__(
         self,
-        redis: Any,
-        keys: Keys,
-        scripts: Scripts,
+        store: Store,
         *,
         consumer: str,
         max_requests: int,
@@ -87,9 +87,7 @@ class Accumulator:
         beat: Callable[[], None] = lambda: None,
         dead_after_s: float = 10.0,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.scripts = scripts
+        self.store = store
         self.consumer = consumer
         self.max_requests = max_requests
         self.max_bytes = max_bytes
@@ -108,7 +106,7 @@ class Accumulator:
         # pending entries, which hold everything read and not yet moved into a flush.
         self._buffer = _Buffer()
         self._held.clear()
-        await self.ensure_group()
+        await self.store.intake.ensure_group()
         await self._read_own_pending()
         while not stop.is_set():
             await self.step()
@@ -122,7 +120,7 @@ class Accumulator:
             await self.claim_from_dead()
         block_ms: int | None = int(_MAX_BLOCK_S * 1000)
         if self._buffer.entries:
-            remaining = self._buffer.entries[0].ms + self.max_age_ms - _now_ms()
+            remaining = self._buffer.entries[0].ms + self.max_age_ms - now_ms()
             if remaining <= _REDIS_TIMER_SLACK_MS:
                 # Redis checks BLOCK timeouts only every 1/hz s (100 ms at the default hz 10), so the last
                 # stretch to the age deadline is timed here, then whatever arrived meanwhile is read.
@@ -131,79 +129,44 @@ class Accumulator:
             else:
                 block_ms = min(int(_MAX_BLOCK_S * 1000), remaining - _REDIS_TIMER_SLACK_MS)
         room = max(1, min(_READ_COUNT, self.max_requests - len(self._buffer.entries)))
-        reply = await self.redis.xreadgroup(
-            CONSUMER_GROUP, self.consumer, {self.keys.intake: ">"}, count=room, block=block_ms
-        )
-        first = self._add(_entries(reply))
+        first = self._add(await self.store.intake.read_new(self.consumer, count=room, block_ms=block_ms))
         if first:
             self.on_read(first)
         await self._flush_due()
 
-    async def ensure_group(self) -> None:
-        try:
-            # id 0: entries queued before the very first daemon started are read too.
-            await self.redis.xgroup_create(self.keys.intake, CONSUMER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
     async def _read_own_pending(self) -> None:
         """After a restart under the same consumer name, pick up what was read but never flushed."""
-        start = "0"
-        while True:
-            reply = await self.redis.xreadgroup(
-                CONSUMER_GROUP, self.consumer, {self.keys.intake: start}, count=_READ_COUNT
-            )
-            entries = _entries(reply)
-            if not entries:
-                return
+        after = "0"
+        while entries := await self.store.intake.read_pending(self.consumer, after=after, count=_READ_COUNT):
             self._add(entries)
-            start = entries[-1][0]
+            after = entries[-1].entry_id
             await self._flush_due()
 
     async def claim_from_dead(self) -> int:
         """Claim the pending entries of consumers whose heartbeat stopped. Live consumers are never robbed."""
-        heartbeats = {
-            _text(name): int(score)
-            for name, score in await self.redis.zrange(self.keys.replicas, 0, -1, withscores=True)
-        }
-        now = _now_ms()
+        heartbeats = await self.store.heartbeats()
+        now = now_ms()
         claimed = 0
-        try:
-            consumers = await self.redis.xinfo_consumers(self.keys.intake, CONSUMER_GROUP)
-        except ResponseError:
-            return 0
-        for info in consumers:
-            name = _text(info["name"])
-            if name == self.consumer:
+        for info in await self.store.intake.consumers():
+            if info.name == self.consumer:
                 continue
-            last = heartbeats.get(name)
+            last = heartbeats.get(info.name)
             if last is not None and now - last < self.dead_after_ms:
                 continue
             # No (fresh) heartbeat. A live consumer also touches the stream at least every block (1 s), so
             # require it to be idle too: a replica that started reading before its first heartbeat is safe.
-            if int(info.get("idle", 0)) < _CONSUMER_IDLE_MS:
+            if info.idle_ms < _CONSUMER_IDLE_MS:
                 continue
-            if int(info.get("pending", 0)) == 0:
+            if info.pending == 0:
                 if last is None or now - last > 10 * self.dead_after_ms:
-                    await self.redis.xgroup_delconsumer(self.keys.intake, CONSUMER_GROUP, name)
-                    await self.redis.zrem(self.keys.replicas, name)
+                    await self.store.intake.delete_consumer(info.name)
+                    await self.store.forget_replica(info.name)
                 continue
-            pending = await self.redis.xpending_range(
-                self.keys.intake, CONSUMER_GROUP, min="-", max="+", count=_READ_COUNT, consumername=name
-            )
-            ids = [_text(p["message_id"]) for p in pending]
+            ids = await self.store.intake.pending_ids(info.name, count=_READ_COUNT)
             if not ids:
                 continue
-            # min_idle_time: if another replica claimed these a moment ago, this claim takes nothing.
-            reply = await self.redis.xclaim(
-                self.keys.intake,
-                CONSUMER_GROUP,
-                self.consumer,
-                min_idle_time=self.dead_after_ms // 2,
-                message_ids=ids,
-            )
-            got = _entries([[self.keys.intake, reply]])
+            # min_idle: if another replica claimed these a moment ago, this claim takes nothing.
+            got = await self.store.intake.claim(self.consumer, ids, min_idle_ms=self.dead_after_ms // 2)
             self._add(got)
             claimed += len(got)
         if claimed:
@@ -211,21 +174,15 @@ class Accumulator:
         return claimed
 
     # --- triggers ------------------------------------------------------------------------------------------
-    def _add(self, raw: Sequence[tuple[str, dict[str, str]]]) -> int:
+    def _add(self, entries: Sequence[IntakeEntry]) -> int:
         first_attempts = 0
-        for entry_id, fields in raw:
-            if entry_id in self._held or "rid" not in fields:
+        for intake in entries:
+            if intake.entry_id in self._held:
                 continue
-            cid = fields.get("cid", "")
-            try:
-                first = split_custom_id(cid)[1] == 1
-            except ValueError:
-                first = False
-            self._held.add(entry_id)
-            first_attempts += first
-            self._buffer.add(
-                Entry(entry_id, fields["rid"], item_size(len(cid), int(fields.get("n", 0))), first)
-            )
+            entry = Entry.of(intake)
+            self._held.add(intake.entry_id)
+            first_attempts += entry.first_attempt
+            self._buffer.add(entry)
         return first_attempts
 
     def due(self) -> tuple[int, Trigger] | None:
@@ -239,12 +196,12 @@ class Accumulator:
             for i, entry in enumerate(entries):
                 added = entry.size + (1 if i else 0)
                 if size + added > self.max_bytes:
-                    return (max(i, 1), "bytes")
+                    return (max(i, 1), Trigger.BYTES)
                 size += added
                 if i + 1 >= self.max_requests:
-                    return (i + 1, "count")
-        if _now_ms() >= entries[0].ms + self.max_age_ms:
-            return (len(entries), "age")
+                    return (i + 1, Trigger.COUNT)
+        if now_ms() >= entries[0].ms + self.max_age_ms:
+            return (len(entries), Trigger.AGE)
         return None
 
     async def _flush_due(self) -> None:
@@ -254,56 +211,17 @@ class Accumulator:
 
     async def flush(self, entries: list[Entry], trigger: Trigger) -> str | None:
         """Move entries into a new flush record, chunk by chunk, then seal it. Returns the flush id."""
-        fid = f"{_now_ms()}-{uuid.uuid4().hex[:12]}"
+        fid = f"{now_ms()}-{uuid.uuid4().hex[:12]}"
         moved = moved_bytes = 0
         for start in range(0, len(entries), FLUSH_CHUNK):
-            chunk = entries[start : start + FLUSH_CHUNK]
-            keys = [
-                self.keys.intake,
-                self.keys.queue_stats,
-                self.keys.flush(fid),
-                self.keys.flush_rids(fid),
-                self.keys.flushes,
-                *(self.keys.request(e.rid) for e in chunk),
-            ]
-            args: list[Any] = [CONSUMER_GROUP, fid, _now_ms()]
-            for e in chunk:
-                args += [e.entry_id, e.rid]
-            n, nbytes = await self.scripts.commit_flush(keys=keys, args=args, client=self.redis)
-            moved += int(n)
-            moved_bytes += int(nbytes)
+            chunk = [e.intake for e in entries[start : start + FLUSH_CHUNK]]
+            n, nbytes = await self.store.scripts.commit_flush(fid, chunk, now_ms=now_ms())
+            moved += n
+            moved_bytes += nbytes
         for e in entries:
-            self._held.discard(e.entry_id)
-        sealed = await self.scripts.seal_flush(
-            keys=[self.keys.flush(fid), self.keys.flushes, self.keys.flush_rids(fid)],
-            args=[fid, trigger, _now_ms()],
-            client=self.redis,
-        )
-        if int(sealed) <= 0:
+            self._held.discard(e.intake.entry_id)
+        if not await self.store.scripts.seal_flush(fid, trigger, now_ms=now_ms()):
             return None
         log_event(log, "flush.sealed", flush=fid, requests=moved, params_bytes=moved_bytes, trigger=trigger)
         await self.on_flush(fid, trigger, moved, moved_bytes)
         return fid
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer.entries)
-
-
-def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
-    """Flatten an XREADGROUP/XCLAIM reply into (entry id, fields). Deleted entries come back as None."""
-    out: list[tuple[str, dict[str, str]]] = []
-    for _stream, messages in reply or []:
-        for entry_id, fields in messages:
-            if fields is None:
-                continue
-            out.append((_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
-    return out
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from . import __version__
 from .errors import BatchdError, ConfigError, InvalidRequest, RequestNotFound
 from .logs import setup_logging
 from .settings import Settings, load_settings
+from .version import __version__
 
 __all__ = ["main"]
 
@@ -149,12 +149,16 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from .client import AsyncClient
+    from .client import redis_errors
     from .status import collect_status, format_status
+    from .store import Keys, Store, connect
 
-    async with AsyncClient(settings=settings) as client:
-        await client.ping()
-        status = await collect_status(client.redis, client.keys)
+    redis = connect(settings.redis_url, "client")
+    try:
+        async with redis_errors():
+            status = await collect_status(Store(redis, Keys(settings.key_prefix)))
+    finally:
+        await redis.aclose(close_connection_pool=True)
     if args.json:
         sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

@@ -1,18 +1,15 @@
 """The producer side: submit requests, wait for their answers, cancel them.
 
 ``AsyncClient`` talks to Redis directly (one Lua call per submit, or per chunk of ``submit_many``); the
-daemon does the rest. ``Client`` is the same thing without ``await``: it runs an ``AsyncClient`` on a
-private event loop in a background thread.
+daemon does the rest. ``Client`` (syncclient.py) is the same thing without ``await``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -25,6 +22,7 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import (
+    ClientClosed,
     InvalidParams,
     QueueFull,
     RedisUnavailable,
@@ -36,20 +34,28 @@ from .errors import (
     RequestTooLarge,
     ResultTimeout,
 )
-from .keys import Keys, custom_id_for
-from .scripts import Scripts
 from .settings import Settings, load_settings, redact_url
+from .store import (
+    CLIENT_SOCKET_TIMEOUT,
+    CancelOutcome,
+    EnqueueRefused,
+    Keys,
+    NewRequest,
+    Store,
+    connect,
+    now_ms,
+)
 from .validation import encode_params, new_request_id, validate_request_id
 from .waiter import ResultWaiter
 
-__all__ = ["AsyncClient", "Client", "raise_for_result"]
+__all__ = ["DEFAULT_RESULT_TIMEOUT", "AsyncClient", "raise_for_result", "redis_errors"]
 
 T = TypeVar("T")
 
 # One Lua call carries at most this many requests: big enough to amortise the round trip, small enough
 # not to stall Redis for other clients.
 _SUBMIT_CHUNK = 500
-_DEFAULT_RESULT_TIMEOUT = 600.0
+DEFAULT_RESULT_TIMEOUT = 600.0
 # SDK-only keyword arguments of messages.create that have no meaning inside a batch.
 _UNSUPPORTED_SDK_KWARGS = ("extra_headers", "extra_query")
 
@@ -70,38 +76,29 @@ class AsyncClient:
         settings: Settings | None = None,
         redis: aioredis.Redis | None = None,
         key_prefix: str | None = None,
-        socket_timeout: float = 10.0,
+        socket_timeout: float = CLIENT_SOCKET_TIMEOUT,
         max_connections: int = 8,
     ) -> None:
         if settings is None:
             settings = load_settings(**({"redis_url": redis_url} if redis_url else {}))
         self.settings = settings
-        self.keys = Keys(key_prefix or settings.key_prefix)
         self._owns_redis = redis is None
         if redis is None:
-            # Bounded: thousands of concurrent calls queue for a few connections instead of opening
-            # one each (one of them is the waiters' shared pub/sub connection).
-            pool = aioredis.BlockingConnectionPool.from_url(
+            redis = connect(
                 redis_url or settings.redis_url,
-                max_connections=max(2, max_connections),
-                timeout=socket_timeout,
+                "client",
+                max_connections=max_connections,
                 socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                health_check_interval=30,
             )
-            redis = aioredis.Redis(connection_pool=pool)
         self._redis: aioredis.Redis = redis
-        self._scripts = Scripts.register(self._redis)
-        self._waiter = ResultWaiter(self._redis, self.keys)
+        self._store = Store(redis, Keys(key_prefix or settings.key_prefix))
+        self._waiter = ResultWaiter(self._store)
+        self._closed = False
         self.messages = AsyncMessages(self)
 
-    @property
-    def redis(self) -> aioredis.Redis:
-        """The Redis connection this client uses (for ``batchd status`` and tools)."""
-        return self._redis
-
     def __repr__(self) -> str:
-        return f"AsyncClient(redis_url={redact_url(self.settings.redis_url)!r}, prefix={self.keys.prefix!r})"
+        prefix = self._store.keys.prefix
+        return f"AsyncClient(redis_url={redact_url(self.settings.redis_url)!r}, prefix={prefix!r})"
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -110,9 +107,17 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Release the connections. Calls waiting for a result raise ClientClosed; so does any later call."""
+        if self._closed:
+            return
+        self._closed = True
         await self._waiter.close()
         if self._owns_redis:
             await self._redis.aclose(close_connection_pool=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("this batchd client is closed")
 
     # --- submit --------------------------------------------------------------------------------------------
     async def submit(
@@ -136,6 +141,7 @@ class AsyncClient:
         Every request is validated before anything is written. Chunks of requests are written atomically;
         if the queue fills part-way, QueueFull is raised and ``exc.accepted`` holds the ids that were queued.
         """
+        self._check_open()
         encoded = [
             encode_params(
                 p, max_batch_bytes=self.settings.max_batch_bytes, max_attempts=self.settings.max_attempts
@@ -188,24 +194,20 @@ class AsyncClient:
     async def _enqueue(self, chunk: list[tuple[str, bytes]]) -> tuple[int, int] | None:
         """Queue the chunk atomically: None if it was written, else the queue's (requests, bytes) that
         refused it (nothing written)."""
-        keys = [self.keys.intake, self.keys.queue_stats]
-        args: list[Any] = [
-            int(time.time() * 1000),
-            self.settings.max_queued_requests,
-            self.settings.max_queued_bytes,
-        ]
-        for rid, body in chunk:
-            keys += [self.keys.request(rid), self.keys.result(rid)]
-            args += [rid, custom_id_for(rid, 1), body]
-        async with _redis_errors():
-            status = await self._scripts.enqueue(keys=keys, args=args, client=self._redis)
-        if status and int(status[0]) == -1:
-            return int(status[1]), int(status[2])
+        async with redis_errors():
+            reply = await self._store.scripts.enqueue(
+                [NewRequest(rid, body) for rid, body in chunk],
+                now_ms=now_ms(),
+                max_requests=self.settings.max_queued_requests,
+                max_bytes=self.settings.max_queued_bytes,
+            )
+        if isinstance(reply, EnqueueRefused):
+            return reply.queued_requests, reply.queued_bytes
         return None
 
     # --- results -------------------------------------------------------------------------------------------
     async def result(
-        self, request_id: str, timeout: float | None = _DEFAULT_RESULT_TIMEOUT
+        self, request_id: str, timeout: float | None = DEFAULT_RESULT_TIMEOUT
     ) -> MessageBatchResult:
         """Wait for the request's result (succeeded, errored, canceled or expired).
 
@@ -213,17 +215,15 @@ class AsyncClient:
         id batchd does not know.
         """
         validate_request_id(request_id)
+        self._check_open()
 
         async def fetch() -> bytes | None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(self.keys.result(request_id))
-                pipe.exists(self.keys.request(request_id))
-                found, exists = await pipe.execute()
-            if found is None and not exists:
+            line, known = await self._store.result_line(request_id)
+            if not known:
                 raise RequestNotFound(request_id)
-            return None if found is None else bytes(found)
+            return line
 
-        async with _redis_errors():
+        async with redis_errors():
             # Until the shared subscription is live, look first: a down Redis fails fast, a known
             # answer needs no subscription. After that, one round trip per wait (inside wait()).
             line = None if self._waiter.subscribed else await fetch()
@@ -236,10 +236,11 @@ class AsyncClient:
     async def peek(self, request_id: str) -> MessageBatchResult | None:
         """The result if it has arrived, else None; never waits."""
         validate_request_id(request_id)
-        async with _redis_errors():
-            line = await self._redis.get(self.keys.result(request_id))
-            if line is None and not await self._redis.exists(self.keys.request(request_id)):
-                raise RequestNotFound(request_id)
+        self._check_open()
+        async with redis_errors():
+            line, known = await self._store.result_line(request_id)
+        if not known:
+            raise RequestNotFound(request_id)
         return None if line is None else _parse(request_id, line)
 
     async def cancel(self, request_id: str) -> bool:
@@ -249,19 +250,19 @@ class AsyncClient:
         its answer keeps it (returns False).
         """
         validate_request_id(request_id)
+        self._check_open()
         line = orjson.dumps({"custom_id": request_id, "result": {"type": "canceled"}})
-        async with _redis_errors():
-            code = await self._scripts.cancel(
-                keys=[self.keys.request(request_id), self.keys.result(request_id), self.keys.queue_stats],
-                args=[line, self.settings.result_ttl_seconds, self.keys.delivered_channel, request_id],
-                client=self._redis,
+        async with redis_errors():
+            outcome = await self._store.scripts.cancel(
+                request_id, line=line, ttl_seconds=self.settings.result_ttl_seconds
             )
-        if int(code) == -1:
+        if outcome is CancelOutcome.UNKNOWN:
             raise RequestNotFound(request_id)
-        return int(code) == 1
+        return outcome is CancelOutcome.REMOVED
 
     async def ping(self) -> None:
-        async with _redis_errors():
+        self._check_open()
+        async with redis_errors():
             await self._redis.ping()
 
 
@@ -271,7 +272,7 @@ class AsyncMessages:
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
-    async def create(self, *, timeout: float | None = _DEFAULT_RESULT_TIMEOUT, **kwargs: Any) -> Message:
+    async def create(self, *, timeout: float | None = DEFAULT_RESULT_TIMEOUT, **kwargs: Any) -> Message:
         """Same keyword arguments as ``anthropic.AsyncAnthropic().messages.create`` (without streaming).
 
         Returns the SDK's Message; raises RequestErrored/RequestCanceled/RequestExpired when the request
@@ -344,7 +345,7 @@ def raise_for_result(request_id: str, result: MessageBatchResult) -> Message:
 
 
 @contextlib.asynccontextmanager
-async def _redis_errors() -> AsyncIterator[None]:
+async def redis_errors() -> AsyncIterator[None]:
     """Redis failures become RedisUnavailable with a one-line reason; the scripts never half-write."""
     try:
         yield
@@ -360,87 +361,3 @@ async def _redis_errors() -> AsyncIterator[None]:
         raise RedisUnavailable(f"Redis refused the command: {exc}") from exc
     except RedisError as exc:
         raise RedisUnavailable(f"Redis error: {exc}") from exc
-
-
-class Client:
-    """The synchronous client: the same methods as AsyncClient, without ``await``.
-
-    It owns a private event loop in a daemon thread; many threads may share one Client.
-    """
-
-    def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="batchd-client", daemon=True)
-        self._thread.start()
-
-        async def make() -> AsyncClient:
-            return AsyncClient(redis_url, **kwargs)
-
-        try:
-            self._async = self._run(make())
-        except BaseException:
-            self._stop_loop()
-            raise
-        self.settings = self._async.settings
-        self.messages = Messages(self)
-
-    def _run(self, coro: Awaitable[T]) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self._loop)
-        return future.result()
-
-    def __repr__(self) -> str:
-        return repr(self._async).replace("AsyncClient", "Client", 1)
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._run(self._async.close())
-        self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def submit(self, params: Mapping[str, Any], request_id: str | None = None, *, wait: float = 0.0) -> str:
-        return self._run(self._async.submit(params, request_id, wait=wait))
-
-    def submit_many(
-        self,
-        params_list: Iterable[Mapping[str, Any]],
-        request_ids: Sequence[str] | None = None,
-        *,
-        wait: float = 0.0,
-    ) -> list[str]:
-        return self._run(self._async.submit_many(list(params_list), request_ids, wait=wait))
-
-    def result(self, request_id: str, timeout: float | None = _DEFAULT_RESULT_TIMEOUT) -> MessageBatchResult:
-        return self._run(self._async.result(request_id, timeout=timeout))
-
-    def peek(self, request_id: str) -> MessageBatchResult | None:
-        return self._run(self._async.peek(request_id))
-
-    def cancel(self, request_id: str) -> bool:
-        return self._run(self._async.cancel(request_id))
-
-    def ping(self) -> None:
-        self._run(self._async.ping())
-
-
-class Messages:
-    def __init__(self, client: Client) -> None:
-        self._client = client
-
-    def create(self, *, timeout: float | None = _DEFAULT_RESULT_TIMEOUT, **kwargs: Any) -> Message:
-        """Same as AsyncMessages.create, blocking."""
-        return self._client._run(self._client._async.messages.create(timeout=timeout, **kwargs))
-
-
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable

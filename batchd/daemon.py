@@ -20,22 +20,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anthropic
-import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry as RedisRetry
 
 from . import jobs, metrics, systemd
 from .accumulator import Accumulator
 from .batches import Context
 from .errors import ConfigError
 from .health import Health
-from .keys import Keys
 from .logs import log_event, register_secret
 from .ops import start_ops_server
-from .scripts import Scripts
 from .settings import Settings, redact_url
+from .store import Keys, QueueSnapshot, SchemaMismatch, Store, Trigger, connect, now_ms
+from .version import __version__
 
 __all__ = ["Daemon"]
 
@@ -59,15 +56,8 @@ class Daemon:
         self.metrics_port: int | None = None
         self._ready = asyncio.Event()
         register_secret(settings.anthropic_api_key.get_secret_value())
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=15,
-            socket_connect_timeout=5,
-            health_check_interval=15,
-            retry=RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), 3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        self.scripts = Scripts.register(self.redis)
+        self.redis = connect(settings.redis_url, "daemon")
+        self.store = Store(self.redis, self.keys)
         self.api = anthropic.AsyncAnthropic(
             api_key=settings.anthropic_api_key.get_secret_value(),
             base_url=settings.anthropic_base_url,
@@ -100,18 +90,23 @@ class Daemon:
         self.metrics_port = server.port
         self.health.add_check("redis", self.redis.ping)
         self.health.add_check("anthropic", self._check_api)
-        metrics.BUILD_INFO.info({"version": _version()})
-        arq_pool = jobs.connect(s.redis_url, self.keys.arq_queue)
+        metrics.BUILD_INFO.info({"version": __version__})
+        try:
+            await self._check_schema()
+        except BaseException:
+            await server.close()
+            await self.redis.aclose(close_connection_pool=True)
+            await self.api.close()
+            raise
+        arq_pool = jobs.connect(s.redis_url, self.keys)
         scheduler = jobs.ArqScheduler(arq_pool, self.keys.arq_queue)
-        context = Context(self.redis, self.keys, self.scripts, s, self.api, scheduler)
+        context = Context(self.store, s, self.api, scheduler)
 
-        async def on_flush(fid: str, trigger: str, n: int, nbytes: int) -> None:
+        async def on_flush(fid: str, trigger: Trigger, n: int, nbytes: int) -> None:
             await scheduler.submit(fid)
 
         accumulator = Accumulator(
-            self.redis,
-            self.keys,
-            self.scripts,
+            self.store,
             consumer=self.consumer,
             max_requests=s.max_batch_requests,
             max_bytes=s.max_batch_bytes,
@@ -143,6 +138,7 @@ class Daemon:
         ]
         self._ready.set()
         systemd.ready()
+        systemd.status(f"replica {self.consumer}: running")
         log_event(log, "daemon.ready", consumer=self.consumer, metrics_port=server.port)
         try:
             await self.stop_event.wait()
@@ -152,14 +148,29 @@ class Daemon:
             await self._shutdown(tasks, worker_box[0] if worker_box else None)
             with contextlib.suppress(Exception):
                 # Gone from the heartbeat set: the other replicas claim this one's queued entries at once.
-                await self.redis.zrem(self.keys.replicas, self.consumer)
+                await self.store.forget_replica(self.consumer)
             with contextlib.suppress(Exception):
                 await arq_pool.aclose(close_connection_pool=True)
-            await self.redis.aclose()
+            await self.redis.aclose(close_connection_pool=True)
             await self.api.close()
             await server.close()
             log_event(log, "daemon.stopped", consumer=self.consumer)
         return 0
+
+    async def _check_schema(self) -> None:
+        """Refuse another batchd version's data; wait (stoppably) for Redis if it is not up yet."""
+        backoff = 0.2
+        while not self.stop_event.is_set():
+            try:
+                await self.store.check_schema()
+                return
+            except SchemaMismatch as exc:
+                raise ConfigError(f"BATCHD_KEY_PREFIX: {exc}") from None
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("Redis unreachable at start (%s); retrying in %.1fs", exc, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), backoff)
+            backoff = min(backoff * 2, 5.0)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: stopping", sig.name)
@@ -209,21 +220,17 @@ class Daemon:
             backoff = min(backoff * 2, 10.0)
 
     async def _heartbeat(self) -> None:
-        k = self.keys
         watchdog = systemd.watchdog_interval()
         last_ping = 0.0
         was_leader = False
         while not self.stop_event.is_set():
-            now_ms = int(time.time() * 1000)
-            await self.redis.zadd(k.replicas, {self.consumer: now_ms})
-            leader = await self.scripts.lease(
-                keys=[k.metrics_leader], args=[self.consumer, _LEASE_MS], client=self.redis
-            )
+            await self.store.heartbeat(self.consumer, now_ms())
+            leader = await self.store.take_metrics_lease(self.consumer, ms=_LEASE_MS)
             if leader:
-                metrics.queue_gauges.update(await self.snapshot(now_ms))
+                metrics.queue_gauges.update(await self.snapshot())
             elif was_leader:
                 metrics.queue_gauges.clear()
-            was_leader = bool(leader)
+            was_leader = leader
             self.health.beat("heartbeat")
             if watchdog and time.monotonic() - last_ping >= watchdog / 2 and self.health.all_alive():
                 systemd.watchdog()
@@ -231,26 +238,8 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), _HEARTBEAT_S)
 
-    async def snapshot(self, now_ms: int) -> metrics.QueueSnapshot:
-        k = self.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(k.queue_stats, ["n", "bytes"])
-            pipe.xrange(k.intake, "-", "+", count=1)
-            pipe.zcard(k.open_batches)
-            pipe.zcount(k.replicas, now_ms - int(DEAD_AFTER_S * 1000), "+inf")
-            (n, nbytes), first, open_batches, replicas = await pipe.execute()
-        oldest = 0.0
-        if first and int(n or 0) > 0:
-            first_id = first[0][0]
-            first_id = first_id.decode() if isinstance(first_id, bytes) else str(first_id)
-            oldest = max(0.0, (now_ms - int(first_id.split("-", 1)[0])) / 1000)
-        return metrics.QueueSnapshot(
-            pending_requests=int(n or 0),
-            pending_bytes=int(nbytes or 0),
-            oldest_age_seconds=oldest,
-            open_batches=int(open_batches),
-            replicas=int(replicas),
-        )
+    async def snapshot(self) -> QueueSnapshot:
+        return await self.store.snapshot(dead_after_ms=int(DEAD_AFTER_S * 1000))
 
     async def _check_api(self) -> bool:
         await self.api.messages.batches.list(limit=1)
@@ -270,9 +259,3 @@ async def _cancel_all(tasks: list[asyncio.Task[Any]], *, deadline: float) -> Non
         if pending and loop.time() > stop_at:
             log.error("%d tasks did not stop within %.0fs of being cancelled", len(pending), deadline)
             return
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

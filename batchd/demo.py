@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
 from pydantic import SecretStr
 
 from . import pricing
@@ -148,8 +147,7 @@ async def _drive(settings: Settings, total: int, out: IO[str]) -> int:
             for kind, count in waves:
                 await asyncio.gather(*(_call(client, n + i, kind, tally) for i in range(count)))
                 n += count
-            raw = await daemon.redis.lrange(daemon.keys.recent_flushes, 0, -1)  # type: ignore[misc]
-            recent = [orjson.loads(r) for r in raw]
+            recent = [f.as_dict() for f in await daemon.store.recent_flushes()]
     finally:
         daemon.stop()
         await runner

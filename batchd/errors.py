@@ -2,6 +2,7 @@
 
 BatchdError
 ├── ConfigError              a setting is missing or invalid (the CLI exits 2)
+├── ClientClosed             the client was closed (also wakes calls still waiting for a result)
 ├── InvalidRequest           refused at submit; nothing was written
 │   ├── InvalidParams        not a mapping, missing model/max_tokens/messages, stream, not JSON
 │   ├── InvalidRequestId     outside [A-Za-z0-9_-]{1,60}
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "BatchdError",
+    "ClientClosed",
     "ConfigError",
     "InvalidParams",
     "InvalidRequest",
@@ -42,6 +44,10 @@ class BatchdError(Exception):
 
 class ConfigError(BatchdError):
     """A setting is invalid; the message names it."""
+
+
+class ClientClosed(BatchdError):
+    """The client was closed: nothing more can be submitted or waited for through it."""
 
 
 class InvalidRequest(BatchdError):

@@ -65,10 +65,6 @@ class Health:
         # Registration counts as a beat: a loop that never starts goes stale after max_silence, not at once.
         self._loops[name] = _Loop(max_silence=max_silence, last_beat=self._clock())
 
-    def unregister(self, name: str) -> None:
-        """Stop watching ``name`` (a loop that ended on purpose, e.g. at shutdown)."""
-        self._loops.pop(name, None)
-
     def beat(self, name: str) -> None:
         """Loop ``name`` is making progress. Raises KeyError for a name never registered (a typo)."""
         self._loops[name].last_beat = self._clock()

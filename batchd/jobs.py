@@ -1,9 +1,14 @@
-"""arq, behind one module: the control-plane jobs of batches.py as arq functions, and the scheduler that
-enqueues them. Nothing else in batchd imports arq, so the job runner could be swapped.
+"""arq, behind one module: the control-plane jobs of ``batchd.batches`` as arq functions, and the
+scheduler that enqueues them. Nothing else in batchd imports arq, so the job runner could be swapped.
 
 Jobs are enqueued under deterministic ids (``submit:<fid>``, ``poll:<batch>``): arq refuses a second job
 with an id that is queued, deferred or running, which makes re-enqueueing (by the reconciler) a no-op.
 Jobs are serialised as JSON, not pickle.
+
+arq spells its own keys with a fixed ``arq:`` prefix (job, in-progress, retry, result and abort keys), so two
+deployments on one Redis would share them (and every deployment's cron job ids). ``connect`` returns an
+ArqRedis whose commands carry those keys under the deployment's ``{prefix}:arq:`` instead: every key arq
+writes then belongs to its deployment.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from arq import cron
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
-from redis.asyncio import ConnectionPool
+from redis.asyncio.client import Pipeline
 
 from . import batches
 from .batches import Context, RetryLater
+from .store import Keys, connection_pool
 
 __all__ = ["ArqScheduler", "abandon_worker", "build_worker", "connect"]
 
@@ -38,15 +44,51 @@ def _loads(data: bytes) -> Any:
     return json.loads(data)
 
 
-def connect(redis_url: str, queue_name: str) -> ArqRedis:
-    return ArqRedis(
-        ConnectionPool.from_url(
-            redis_url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=15
-        ),
+_ARQ_PREFIX = "arq:"
+
+
+def _namespaced(namespace: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Only arq's own key names start with "arq:": job ids, function names and (bytes) job data never do.
+    return tuple(
+        namespace + a[len(_ARQ_PREFIX) :] if isinstance(a, str) and a.startswith(_ARQ_PREFIX) else a
+        for a in args
+    )
+
+
+class _NamespacedPipeline(Pipeline):
+    namespace = _ARQ_PREFIX
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return super().execute_command(*_namespaced(self.namespace, args), **kwargs)
+
+
+class _NamespacedArqRedis(ArqRedis):
+    """ArqRedis with arq's ``arq:`` keys moved under one deployment's namespace (plain commands and
+    pipelines, including the WATCH/MULTI transactions arq uses to claim and finish jobs)."""
+
+    namespace = _ARQ_PREFIX
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        return await super().execute_command(  # type: ignore[no-untyped-call]
+            *_namespaced(self.namespace, args), **options
+        )
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = _NamespacedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.namespace = self.namespace
+        return pipe
+
+
+def connect(redis_url: str, keys: Keys) -> ArqRedis:
+    """The Redis client arq runs on, for one deployment."""
+    pool = _NamespacedArqRedis(
+        connection_pool(redis_url, "jobs"),
         job_serializer=_dumps,
         job_deserializer=_loads,
-        default_queue_name=queue_name,
+        default_queue_name=keys.arq_queue,
     )
+    pool.namespace = keys.arq_namespace
+    return pool
 
 
 class ArqScheduler:

@@ -12,9 +12,7 @@ read from the shared Redis, so only the replica holding the metrics-leader lease
 
 from __future__ import annotations
 
-import importlib.metadata
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import anthropic
@@ -23,6 +21,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import pricing
+from .store import QueueSnapshot
+from .version import __version__
 
 __all__ = [
     "API_ERRORS",
@@ -46,13 +46,13 @@ __all__ = [
     "TOKENS",
     "TOKEN_KINDS",
     "QueueGauges",
-    "QueueSnapshot",
     "classify_api_error",
     "count_api_error",
     "model_label",
     "queue_gauges",
     "record_usage",
     "retry_reason",
+    "trigger_label",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -156,14 +156,7 @@ API_ERRORS = Counter(
 BUILD_INFO = Info("batchd_build", "The running batchd version.", registry=REGISTRY)
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("batchd")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
-
-
-BUILD_INFO.info({"version": _version()})
+BUILD_INFO.info({"version": __version__})
 
 # Create every bounded series now, so a dashboard sees 0 rather than "no data" before the first event.
 for _reason in RETRY_REASONS:
@@ -172,6 +165,9 @@ for _type in RESULT_TYPES:
     RESULTS.labels(type=_type)
 for _trigger in BATCH_TRIGGERS:
     BATCHES_CREATED.labels(trigger=_trigger)
+for _model in (*pricing.known_models(), OTHER_MODEL):
+    COST_USD.labels(model=_model)
+    SAVINGS_USD.labels(model=_model)
 for _op in API_OPS:
     API_REQUESTS.labels(op=_op)
     for _kind in API_ERROR_KINDS:
@@ -185,6 +181,11 @@ def model_label(model: str) -> str:
     """The ``model`` label for a model id: its price-table base id (dated ids folded in), else "other"."""
     price = pricing.price_for(model)
     return price.model if price is not None else OTHER_MODEL
+
+
+def trigger_label(trigger: str) -> str:
+    """The ``trigger`` label of a flush's trigger (anything unknown counts as "age")."""
+    return trigger if trigger in BATCH_TRIGGERS else "age"
 
 
 def retry_reason(error_type: str | None) -> str:
@@ -250,31 +251,24 @@ def record_usage(model: str, usage: Mapping[str, Any]) -> float | None:
 # --- queue gauges, exported by the metrics leader only ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class QueueSnapshot:
-    """The shared queue's state as read from Redis at one moment."""
-
-    pending_requests: int  # in intake, not yet in a flush
-    pending_bytes: int
-    oldest_age_seconds: float  # age of the oldest pending request; 0 when none are pending
-    open_batches: int  # created and not yet fanned out
-    replicas: int  # replicas with a recent heartbeat
-
-
-_QUEUE_FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("batchd_intake_pending_requests", "Requests queued in intake and not yet flushed.", "pending_requests"),
+_QUEUE_FAMILIES: tuple[tuple[str, str, Callable[[QueueSnapshot], float]], ...] = (
+    (
+        "batchd_intake_pending_requests",
+        "Requests queued in intake and not yet flushed.",
+        lambda s: s.pending_requests,
+    ),
     (
         "batchd_intake_pending_bytes",
         "Bytes of requests queued in intake and not yet flushed.",
-        "pending_bytes",
+        lambda s: s.pending_bytes,
     ),
     (
         "batchd_intake_oldest_age_seconds",
         "Age of the oldest request in intake (0 if empty).",
-        "oldest_age_seconds",
+        lambda s: s.oldest_age_seconds or 0.0,
     ),
-    ("batchd_open_batches", "Message Batches created and not yet fanned out.", "open_batches"),
-    ("batchd_replicas", "Daemon replicas with a recent heartbeat.", "replicas"),
+    ("batchd_open_batches", "Message Batches created and not yet fanned out.", lambda s: s.open_batches),
+    ("batchd_replicas", "Daemon replicas with a recent heartbeat.", lambda s: s.alive_replicas),
 )
 
 
@@ -310,9 +304,7 @@ class QueueGauges(Collector):
         snapshot = self._snapshot
         if snapshot is None:
             return []
-        return [
-            GaugeMetricFamily(name, doc, value=getattr(snapshot, attr)) for name, doc, attr in _QUEUE_FAMILIES
-        ]
+        return [GaugeMetricFamily(name, doc, value=value(snapshot)) for name, doc, value in _QUEUE_FAMILIES]
 
 
 queue_gauges = QueueGauges()

@@ -5,62 +5,46 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
-
-from .keys import CONSUMER_GROUP, Keys
+from .store import Store
 
 __all__ = ["collect_status", "format_status"]
 
 _MAX_OPEN_SHOWN = 100
+_RECENT_SHOWN = 20
 
 
-async def collect_status(redis: Any, keys: Keys, *, dead_after_s: float = 10.0) -> dict[str, Any]:
-    now_ms = int(time.time() * 1000)
-    n, nbytes = await redis.hmget(keys.queue_stats, "n", "bytes")
-    first = await redis.xrange(keys.intake, "-", "+", count=1)
-    oldest = None
-    if first and int(n or 0) > 0:
-        oldest = round((now_ms - int(_text(first[0][0]).split("-", 1)[0])) / 1000, 3)
-    open_ids = [_text(b) for b in await redis.zrange(keys.open_batches, 0, _MAX_OPEN_SHOWN - 1)]
+async def collect_status(store: Store, *, dead_after_s: float = 10.0) -> dict[str, Any]:
+    snap = await store.snapshot(dead_after_ms=int(dead_after_s * 1000))
+    now_ms = snap.at_ms
     open_batches = []
-    for batch_id in open_ids:
-        record = {_text(k): _text(v) for k, v in (await redis.hgetall(keys.batch(batch_id))).items()}
-        created = int(record.get("created", now_ms))
+    for batch_id in await store.open_batch_ids(limit=_MAX_OPEN_SHOWN):
+        record = await store.batch(batch_id)
+        if record is None:
+            continue
         open_batches.append(
             {
                 "batch_id": batch_id,
-                "requests": int(record.get("n", 0)),
-                "age_seconds": round((now_ms - created) / 1000, 1),
-                "polls": int(record.get("polls", 0)),
-                "lines_delivered": int(record.get("cursor", 0)),
+                "requests": record.requests,
+                "age_seconds": round((now_ms - record.created_ms) / 1000, 1),
+                "polls": record.polls,
+                "lines_delivered": record.cursor,
             }
         )
-    recent = [orjson.loads(raw) for raw in await redis.lrange(keys.recent_flushes, 0, 19)]
     replicas = []
-    for name, score in await redis.zrange(keys.replicas, 0, -1, withscores=True):
-        age = (now_ms - int(score)) / 1000
-        replicas.append(
-            {"name": _text(name), "last_seen_seconds": round(age, 1), "alive": age < dead_after_s}
-        )
-    pending_flushes = await redis.zcard(keys.flushes)
-    group_pending = 0
-    try:
-        groups = await redis.xinfo_groups(keys.intake)
-        group_pending = sum(
-            int(g.get("pending", 0)) for g in groups if _text(g.get("name")) == CONSUMER_GROUP
-        )
-    except Exception:
-        group_pending = 0
+    for name, beat in snap.replicas.items():
+        age = (now_ms - beat) / 1000
+        replicas.append({"name": name, "last_seen_seconds": round(age, 1), "alive": age < dead_after_s})
+    oldest = snap.oldest_age_seconds
     return {
         "queue": {
-            "requests": int(n or 0),
-            "bytes": int(nbytes or 0),
-            "oldest_age_seconds": oldest,
-            "read_not_flushed": group_pending,
+            "requests": snap.pending_requests,
+            "bytes": snap.pending_bytes,
+            "oldest_age_seconds": None if oldest is None else round(oldest, 3),
+            "read_not_flushed": snap.read_not_flushed,
         },
-        "flushes_waiting_for_submit": int(pending_flushes),
-        "open_batches": {"count": int(await redis.zcard(keys.open_batches)), "batches": open_batches},
-        "recent_flushes": recent,
+        "flushes_waiting_for_submit": snap.flushes_waiting,
+        "open_batches": {"count": snap.open_batches, "batches": open_batches},
+        "recent_flushes": [f.as_dict() for f in await store.recent_flushes(_RECENT_SHOWN)],
         "replicas": replicas,
     }
 
@@ -89,7 +73,3 @@ def format_status(status: dict[str, Any]) -> str:
         state = "alive" if r["alive"] else "stopped"
         lines.append(f"  {r['name']}  {state}, last seen {r['last_seen_seconds']}s ago")
     return "\n".join(lines)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

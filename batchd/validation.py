@@ -11,7 +11,7 @@ import orjson
 
 from .batchbody import EMPTY_BODY_SIZE, item_size
 from .errors import InvalidParams, InvalidRequestId, RequestTooLarge
-from .keys import custom_id_for
+from .store import custom_id_for
 
 __all__ = ["MAX_REQUEST_ID_LEN", "encode_params", "new_request_id", "validate_request_id"]
 

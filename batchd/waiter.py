@@ -18,19 +18,17 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .keys import Keys
+from .errors import ClientClosed
+from .store import Store, text
 
 __all__ = ["ResultWaiter"]
 
 log = logging.getLogger(__name__)
 
-_MGET_CHUNK = 1000
-
 
 class ResultWaiter:
-    def __init__(self, redis: Any, keys: Keys, *, sweep_seconds: float = 5.0) -> None:
-        self._redis = redis
-        self._keys = keys
+    def __init__(self, store: Store, *, sweep_seconds: float = 5.0) -> None:
+        self._store = store
         self._sweep_seconds = sweep_seconds
         self._pending: dict[str, list[asyncio.Future[bytes]]] = {}
         self._subscribed = asyncio.Event()
@@ -48,14 +46,26 @@ class ResultWaiter:
 
         ``fetch`` reads the result key; it runs once the subscription is live and this waiter is
         registered, so an answer is either already stored or announced to the listener: never missed.
+        Raises ClientClosed if the waiter is closed meanwhile.
         """
+        if self._closing:
+            raise ClientClosed("this batchd client is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         self._pending.setdefault(rid, []).append(future)
         try:
             self._ensure_listener()
             async with asyncio.timeout(timeout):
-                await self._subscribed.wait()
+                if not self._subscribed.is_set():
+                    # Wait for the subscription, unless close() answers this future first.
+                    subscribed = asyncio.ensure_future(self._subscribed.wait())
+                    either: set[asyncio.Future[Any]] = {subscribed, future}
+                    try:
+                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        subscribed.cancel()
+                    if future.done():
+                        return future.result()
                 try:
                     line = await fetch()
                 except (RedisConnectionError, RedisTimeoutError, OSError):
@@ -82,7 +92,12 @@ class ResultWaiter:
             self._task = asyncio.get_running_loop().create_task(self._listen(), name="batchd-result-listener")
 
     async def close(self) -> None:
+        """Stop listening; every call still waiting raises ClientClosed at once."""
         self._closing = True
+        for futures in self._pending.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(ClientClosed("the batchd client was closed while waiting"))
         task, self._task = self._task, None
         # Cancel until it is done: redis-py can swallow a cancellation that lands inside a command.
         while task is not None and not task.done():
@@ -94,10 +109,11 @@ class ResultWaiter:
 
     async def _listen(self) -> None:
         backoff = 0.1
+        channel = self._store.keys.delivered_channel
         while not self._closing:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._store.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._keys.delivered_channel)
+                await pubsub.subscribe(channel)
                 self._subscribed.set()
                 backoff = 0.1
                 await self._sweep()
@@ -107,7 +123,7 @@ class ResultWaiter:
                     message = await pubsub.get_message(timeout=self._sweep_seconds)
                     ids: set[str] = set()
                     while message is not None:
-                        rid = _text(message.get("data"))
+                        rid = text(message.get("data"))
                         if rid in self._pending:
                             ids.add(rid)
                         # Drain what is already buffered so one MGET serves the burst.
@@ -126,24 +142,15 @@ class ResultWaiter:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _sweep(self) -> None:
         await self._fetch(list(self._pending))
 
     async def _fetch(self, rids: list[str]) -> None:
-        for start in range(0, len(rids), _MGET_CHUNK):
-            chunk = rids[start : start + _MGET_CHUNK]
-            values = await self._redis.mget([self._keys.result(rid) for rid in chunk])
-            for rid, value in zip(chunk, values, strict=True):
-                if value is None:
-                    continue
-                for future in self._pending.get(rid, []):
-                    if not future.done():
-                        future.set_result(bytes(value))
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace")
-    return str(value)
+        for rid, value in zip(rids, await self._store.result_lines(rids), strict=True):
+            if value is None:
+                continue
+            for future in self._pending.get(rid, []):
+                if not future.done():
+                    future.set_result(value)

@@ -28,9 +28,8 @@ import redis.asyncio as aioredis
 
 from batchd import AsyncClient
 from batchd.accumulator import Accumulator, Entry
-from batchd.keys import Keys
-from batchd.scripts import Scripts
 from batchd.settings import load_settings
+from batchd.store import Keys, Store, Trigger
 
 from ._common import describe_machine, out, params, percentiles, private_redis, table
 
@@ -46,14 +45,12 @@ async def measure_accumulator(url: str, rounds: int, age: float) -> tuple[list[f
     async with aioredis.Redis.from_url(url) as r, AsyncClient(settings=load_settings(redis_url=url)) as c:
         await r.flushall()
 
-        async def on_flush(fid: str, trigger: str, n: int, nbytes: int) -> None:
+        async def on_flush(fid: str, trigger: Trigger, n: int, nbytes: int) -> None:
             sealed.append(time.time() - current["deadline"])
             flushed.set()
 
         acc = Accumulator(
-            r,
-            keys,
-            Scripts.register(r),
+            Store(r, keys),
             consumer="bench",
             max_requests=10_000,
             max_bytes=200_000_000,
@@ -62,7 +59,7 @@ async def measure_accumulator(url: str, rounds: int, age: float) -> tuple[list[f
         )
         original = acc.flush
 
-        async def flush(entries: list[Entry], trigger: str) -> str | None:
+        async def flush(entries: list[Entry], trigger: Trigger) -> str | None:
             current["deadline"] = min(e.ms for e in entries) / 1000 + age
             decided.append(time.time() - current["deadline"])
             return await original(entries, trigger)

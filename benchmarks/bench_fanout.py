@@ -22,9 +22,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from batchd.batches import Context, deliver_lines
-from batchd.keys import Keys, custom_id_for
-from batchd.scripts import Scripts
 from batchd.settings import load_settings
+from batchd.store import Keys, NewRequest, Store, custom_id_for
 from batchd.validation import new_request_id
 
 from ._common import MODELS, describe_machine, out, params, private_redis, table
@@ -62,33 +61,27 @@ def results_line(rid: str, n: int) -> bytes:
     )
 
 
-async def prepare(r: aioredis.Redis, keys: Keys, rids: list[str]) -> None:
-    await r.flushall()
+async def prepare(store: Store, rids: list[str]) -> None:
+    """Every request queued and moved into flush "f": waiting for its results line, as the daemon has it."""
+    await store.redis.flushall()
+    await store.intake.ensure_group()
     now = int(time.time() * 1000)
     for start in range(0, len(rids), 1000):
-        async with r.pipeline(transaction=False) as pipe:
-            for i, rid in enumerate(rids[start : start + 1000], start):
-                body = orjson.dumps(params(i))
-                pipe.hset(
-                    keys.request(rid),
-                    mapping={
-                        "body": body,
-                        "n": len(body),
-                        "state": "flushed",
-                        "fid": "f",
-                        "attempts": 1,
-                        "enq": now,
-                    },
-                )
-            await pipe.execute()
+        chunk = [
+            NewRequest(rid, orjson.dumps(params(i)))
+            for i, rid in enumerate(rids[start : start + 1000], start)
+        ]
+        await store.scripts.enqueue(chunk, now_ms=now, max_requests=10**9, max_bytes=10**12)
+        entries = await store.intake.read_new("bench", count=len(chunk), block_ms=None)
+        await store.scripts.commit_flush("f", entries, now_ms=now)
 
 
 async def run_batchd(url: str, rids: list[str], lines: list[bytes]) -> float:
-    keys = Keys()
     async with aioredis.Redis.from_url(url) as r:
-        await prepare(r, keys, rids)
+        store = Store(r, Keys())
+        await prepare(store, rids)
         settings = load_settings(redis_url=url, result_ttl_seconds=TTL)
-        ctx = Context(r, keys, Scripts.register(r), settings, api=None, scheduler=None)  # type: ignore[arg-type]
+        ctx = Context(store, settings, api=None, scheduler=None)  # type: ignore[arg-type]
         await r.ping()
         started = time.perf_counter()
         tally: dict[str, int] = {}

@@ -17,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from batchd.settings import Settings, load_settings
+from batchd.store import Keys, Store
 from tests.redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -101,6 +102,12 @@ async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def store(aredis: aioredis.Redis) -> Store:
+    """The storage layer on the private server, under the default prefix: how tests read batchd's records."""
+    return Store(aredis, Keys())
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from batchd.daemon import Daemon
 from batchd.settings import Settings
@@ -25,15 +24,3 @@ async def running_daemon(settings: Settings, *, consumer: str = "test-replica") 
     finally:
         daemon.stop()
         assert await asyncio.wait_for(task, 60) == 0
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, interval: float = 0.02
-) -> None:
-    """Poll ``check`` until it is true; fail the test with a clear message at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s: {getattr(check, '__name__', check)}")

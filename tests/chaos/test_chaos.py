@@ -40,10 +40,10 @@ import redis.asyncio as aioredis
 from batchd import AsyncClient
 from batchd.emulator import EmulatorConfig, EmulatorThread
 from batchd.emulator.table import Kind
-from batchd.keys import Keys, split_custom_id
 from batchd.settings import load_settings
+from batchd.store import Keys, Store, split_custom_id
 from tests.chaos.harness import DaemonProcess, Publications, daemon_env, log_events
-from tests.daemon_harness import eventually
+from tests.eventually import eventually
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(1800)
@@ -171,6 +171,7 @@ async def run_chaos(
     waiters: dict[str, asyncio.Task[Any]] = {}
     publications = Publications()
     observer = aioredis.Redis.from_url(server.url)
+    store = Store(observer, keys)
     listener = asyncio.create_task(publications.listen(observer, keys.delivered_channel))
     await asyncio.wait_for(publications.listening.wait(), 10)
 
@@ -219,22 +220,21 @@ async def run_chaos(
                 return missing == 0
 
             async def drained() -> bool:
-                async with observer.pipeline(transaction=False) as pipe:
-                    pipe.zcard(keys.open_batches)
-                    pipe.zcard(keys.flushes)
-                    pipe.xlen(keys.intake)
-                    pipe.hget(keys.queue_stats, "n")
-                    open_batches, flushes, intake, queued = await pipe.execute()
-                return open_batches == 0 and flushes == 0 and intake == 0 and int(queued or 0) == 0
+                snap = await store.snapshot(dead_after_ms=10_000)
+                intake = await observer.xlen(keys.intake)
+                return (snap.open_batches, snap.flushes_waiting, intake, snap.pending_requests) == (
+                    0,
+                    0,
+                    0,
+                    0,
+                )
 
             try:
                 await eventually(all_answered, timeout=plan.settle_s, interval=0.25)
                 await eventually(drained, timeout=60, interval=0.1)
             except AssertionError:
                 missing = [r for r in rids if not await observer.exists(keys.result(r))]
-                states = Counter(
-                    [(await observer.hget(keys.request(r), "state") or b"?").decode() for r in missing[:500]]
-                )
+                states = Counter((await store.request_states(missing[:500])).values())
                 raise AssertionError(
                     f"{len(missing)} of {len(rids)} requests unanswered {plan.settle_s:.0f}s after the "
                     f"chaos (states of the first 500: {dict(states)}); seed {seed}\n"
@@ -273,11 +273,12 @@ class Progress:
         now = time.monotonic()
         if self.at_99 is None and missing <= total // 100:
             self.at_99 = now
+        prefix = keys.arq_namespace + "in-progress:"
         in_progress = sorted(
             [
-                k.decode().removeprefix("arq:in-progress:")
-                async for k in redis.scan_iter(match="arq:in-progress:*", count=1000)
-                if k.startswith((b"arq:in-progress:submit:", b"arq:in-progress:poll:"))
+                k.decode().removeprefix(prefix)
+                async for k in redis.scan_iter(match=prefix + "*", count=1000)
+                if k.decode().startswith((prefix + "submit:", prefix + "poll:"))
             ]
         )
         open_batches = await redis.zcard(keys.open_batches)
@@ -311,12 +312,12 @@ async def audit(
     lines = []
     for start in range(0, len(rids), 1000):
         lines += await redis.mget([keys.result(r) for r in rids[start : start + 1000]])
+    store = Store(redis, keys)
     attempts: dict[str, int] = {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for rid in rids:
-            pipe.hget(keys.request(rid), "attempts")
-        for rid, value in zip(rids, await pipe.execute(), strict=True):
-            attempts[rid] = int(value)
+    for rid in rids:
+        record = await store.request(rid)
+        assert record is not None, rid
+        attempts[rid] = record.attempts
 
     # 1. One final answer each, for its own last attempt, and the caller saw exactly that answer.
     types: Counter[str] = Counter()
@@ -360,10 +361,11 @@ async def audit(
     # Each flush went into one batch, and each attempt of a request into one flush.
     batch_fids: Counter[str] = Counter()
     flush_members: Counter[str] = Counter()
-    async for key in redis.scan_iter(match=f"{keys.tag}:batch:*", count=1000):
-        batch_fids[(await redis.hget(key, "fid")).decode()] += 1
-    async for key in redis.scan_iter(match=f"{keys.tag}:flush:*:rids", count=1000):
-        flush_members.update(r.decode() for r in await redis.lrange(key, 0, -1))
+    for batch_id in await store.known_batch_ids():
+        batch = await store.batch(batch_id)
+        assert batch is not None, batch_id
+        batch_fids[batch.fid] += 1
+        flush_members.update(await store.flush_rids(batch.fid))
     assert max(batch_fids.values()) == 1, "a flush went into two batches"
     assert sum(batch_fids.values()) == known
     over = {rid: n for rid, n in flush_members.items() if n != attempts[rid]}

@@ -17,8 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from batchd import AsyncClient, BatchdError, InvalidRequest, QueueFull
-from batchd.keys import Keys
 from batchd.settings import Settings
+from batchd.store import IntakeEntry, Keys, Store
 from tests.daemon_harness import running_daemon
 
 K = Keys()
@@ -36,10 +36,19 @@ def size(p: dict[str, Any]) -> int:
     return len(orjson.dumps(p))
 
 
+async def queued(r: aioredis.Redis) -> list[int]:
+    """The queue's stats: [requests, bytes] queued and not yet flushed."""
+    snap = await Store(r, K).snapshot(dead_after_ms=10_000)
+    return [snap.pending_requests, snap.pending_bytes]
+
+
+async def stream(r: aioredis.Redis) -> list[IntakeEntry]:
+    return [e for i, f in await r.xrange(K.intake) if (e := IntakeEntry.from_stream(i, f)) is not None]
+
+
 async def snapshot(r: aioredis.Redis) -> tuple[int, list[int], set[bytes]]:
     """Everything a refused submit must leave alone: stream length, queue stats, the set of keys."""
-    stats = [int(v or 0) for v in await r.hmget(K.queue_stats, "n", "bytes")]
-    return await r.xlen(K.intake), stats, set(await r.keys("*"))
+    return await r.xlen(K.intake), await queued(r), set(await r.keys("*"))
 
 
 # --- caps, fail fast -----------------------------------------------------------------------------------
@@ -77,7 +86,7 @@ async def test_caps_count_bytes(make_settings: Callable[..., Settings], aredis: 
     settings = make_settings(max_queued_requests=1000, max_queued_bytes=max(1024, 2 * n + n // 2))
     async with AsyncClient(settings=settings) as client:
         await client.submit_many([p, p], ["b-1", "b-2"])
-        assert [int(v) for v in await aredis.hmget(K.queue_stats, "n", "bytes")] == [2, 2 * n]
+        assert await queued(aredis) == [2, 2 * n]
         before = await snapshot(aredis)
         with pytest.raises(QueueFull) as info:
             await client.submit(p, "b-3")
@@ -87,7 +96,7 @@ async def test_caps_count_bytes(make_settings: Callable[..., Settings], aredis: 
         small = params("s")
         assert 2 * n + size(small) <= settings.max_queued_bytes
         await client.submit(small, "b-small")
-        assert [int(v) for v in await aredis.hmget(K.queue_stats, "n", "bytes")] == [3, 2 * n + size(small)]
+        assert await queued(aredis) == [3, 2 * n + size(small)]
 
 
 async def test_cancel_of_a_queued_request_frees_its_room(
@@ -117,7 +126,7 @@ async def test_concurrent_submitters_never_pass_the_cap(
     refused = [o for o in outcomes if isinstance(o, QueueFull)]
     assert len(accepted) == 10 and len(refused) == 50, outcomes
     assert await aredis.xlen(K.intake) == 10
-    assert [int(v) for v in await aredis.hmget(K.queue_stats, "n")] == [10]
+    assert (await queued(aredis))[:1] == [10]
     assert sum([await aredis.exists(K.request(f"race-{i}")) for i in range(60)]) == 10
 
 
@@ -136,7 +145,7 @@ async def test_submit_many_reports_the_prefix_it_queued(
     assert accepted == rids[: len(accepted)], "accepted must be the queued prefix, in order"
     assert f"{len(accepted)} of 1000" in str(info.value)
     assert await aredis.xlen(K.intake) == len(accepted)
-    queued = [f[b"rid"].decode() for _, f in await aredis.xrange(K.intake)]
+    queued = [e.rid for e in await stream(aredis)]
     assert queued == accepted
     assert await aredis.exists(*(K.request(r) for r in rids[len(accepted) :])) == 0
 
@@ -157,7 +166,7 @@ async def test_submit_many_of_more_than_the_cap_fills_the_room_it_has(
 
 # --- wait= ---------------------------------------------------------------------------------------------
 async def test_submit_with_wait_succeeds_once_a_daemon_drains_the_queue(
-    make_settings: Callable[..., Settings], emulator: Any
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     settings = make_settings(emulator=True, max_queued_requests=3, max_batch_age_seconds=0.2)
     async with AsyncClient(settings=settings) as client:
@@ -166,7 +175,7 @@ async def test_submit_with_wait_succeeds_once_a_daemon_drains_the_queue(
         # No daemon yet: nothing can make room, so the submit is still waiting (not failed, not through).
         done, _ = await asyncio.wait({waiting}, timeout=0.5)
         assert not done
-        assert await client.redis.exists(client.keys.request("patient-1")) == 0
+        assert await store.request("patient-1") is None
 
         started = time.monotonic()
         async with running_daemon(settings):

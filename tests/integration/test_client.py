@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import anthropic
 import anthropic.types
@@ -25,11 +25,11 @@ from anthropic.types.messages import (
     MessageBatchErroredResult,
     MessageBatchSucceededResult,
 )
-from redis.exceptions import ResponseError
 
 from batchd import (
     AsyncClient,
     Client,
+    ClientClosed,
     InvalidParams,
     InvalidRequest,
     InvalidRequestId,
@@ -40,11 +40,22 @@ from batchd import (
     RequestTooLarge,
     ResultTimeout,
 )
-from batchd.keys import CONSUMER_GROUP, Keys, custom_id_for
-from batchd.scripts import Scripts
 from batchd.settings import Settings
+from batchd.store import (
+    DeliverOutcome,
+    Delivery,
+    IntakeEntry,
+    Keys,
+    RequestState,
+    Store,
+    Trigger,
+    custom_id_for,
+    now_ms,
+)
+from tests.eventually import eventually
 
 K = Keys()
+T = TypeVar("T")
 TTL = 3600
 # Above this the waiter's periodic sweep (5 s) could be what answered, not the pub/sub wake-up.
 WAKE_UP_BOUND = 2.0
@@ -84,109 +95,71 @@ def echo(request: dict[str, Any]) -> Result:
 
 # --- the daemon's side, by hand --------------------------------------------------------------------------
 class DaemonDouble:
-    """Flush and deliver with the real Lua scripts (async redis)."""
+    """Flush and deliver with the real Lua scripts, through the storage layer the daemon uses."""
 
     def __init__(self, r: aioredis.Redis) -> None:
-        self.r = r
-        self.scripts = Scripts.register(r)
+        self.store = Store(r, K)
         self._flushes = 0
-
-    async def _ensure_group(self) -> None:
-        try:
-            await self.r.xgroup_create(K.intake, CONSUMER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
 
     async def flush(self, block_ms: int | None = None) -> list[str]:
         """Move every new intake entry into one sealed flush; returns the rids moved (in order)."""
-        await self._ensure_group()
-        reply = await self.r.xreadgroup(CONSUMER_GROUP, "double", {K.intake: ">"}, block=block_ms)
-        entries = [(eid.decode(), f[b"rid"].decode()) for eid, f in reply[0][1]] if reply else []
+        return (await self._flush(block_ms))[1]
+
+    async def _flush(self, block_ms: int | None = None) -> tuple[str, list[str]]:
+        await self.store.intake.ensure_group()
+        entries = await self.store.intake.read_new("double", count=100_000, block_ms=block_ms)
         if not entries:
-            return []
+            return "", []
         self._flushes += 1
         fid = f"f{self._flushes}"
         for start in range(0, len(entries), 5000):
-            chunk = entries[start : start + 5000]
-            keys = [K.intake, K.queue_stats, K.flush(fid), K.flush_rids(fid), K.flushes]
-            keys += [K.request(rid) for _, rid in chunk]
-            args: list[Any] = [CONSUMER_GROUP, fid, int(time.time() * 1000)]
-            for eid, rid in chunk:
-                args += [eid, rid]
-            await self.scripts.commit_flush(keys=keys, args=args)
-        await self.scripts.seal_flush(
-            keys=[K.flush(fid), K.flushes, K.flush_rids(fid)], args=[fid, "count", int(time.time() * 1000)]
-        )
-        return [rid for _, rid in entries]
+            await self.store.scripts.commit_flush(fid, entries[start : start + 5000], now_ms=now_ms())
+        await self.store.scripts.seal_flush(fid, Trigger.COUNT, now_ms=now_ms())
+        return fid, [e.rid for e in entries]
 
-    async def deliver(self, rid: str, result: Result, attempt: int = 1) -> int:
+    async def deliver(self, rid: str, result: Result, attempt: int = 1) -> DeliverOutcome:
         line = orjson.dumps({"custom_id": custom_id_for(rid, attempt), "result": result})
-        reply = await self.scripts.deliver(
-            keys=[K.request(rid), K.result(rid), K.intake, K.queue_stats],
-            args=[attempt, line, "0", 3, TTL, K.delivered_channel, rid],
+        [reply] = await self.store.scripts.deliver(
+            [Delivery(rid, attempt, line, retry=False)], max_attempts=3, ttl_seconds=TTL
         )
-        return int(reply[0])
+        return reply.outcome
 
     async def answer_next(self, respond: Responder, within: float = 10.0) -> list[str]:
         """Wait for submitted requests, flush them, and answer each with ``respond(params)``."""
         async with asyncio.timeout(within):
             rids: list[str] = []
             while not rids:
-                rids = await self.flush(block_ms=100)
-        for rid in rids:
-            body = await self.r.hget(K.request(rid), "body")
-            assert body is not None
-            assert await self.deliver(rid, respond(orjson.loads(body))) == 1
+                fid, rids = await self._flush(block_ms=100)
+        for item in await self.store.flush_items(fid):
+            assert await self.deliver(item.rid, respond(orjson.loads(item.body))) is DeliverOutcome.DELIVERED
         return rids
 
 
 class SyncDaemonDouble:
-    """The same, for tests of the sync Client (run in the test thread or a helper thread)."""
+    """The same, for tests of the sync Client: each call runs the async double on a connection of its own
+    (in the test thread or a helper thread)."""
 
     def __init__(self, url: str) -> None:
-        self.r = redis.Redis.from_url(url)
-        self.scripts = Scripts.register(self.r)
+        self.url = url
 
-    def close(self) -> None:
-        self.r.close()
+    def _run(self, call: Callable[[DaemonDouble], Awaitable[T]]) -> T:
+        async def main() -> T:
+            async with aioredis.Redis.from_url(self.url) as r:
+                return await call(DaemonDouble(r))
 
-    def flush(self, block_ms: int | None = None) -> list[str]:
-        try:
-            self.r.xgroup_create(K.intake, CONSUMER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        reply = self.r.xreadgroup(CONSUMER_GROUP, "double", {K.intake: ">"}, block=block_ms)
-        entries = [(eid.decode(), f[b"rid"].decode()) for eid, f in reply[0][1]] if reply else []
-        if not entries:
-            return []
-        keys = [K.intake, K.queue_stats, K.flush("s1"), K.flush_rids("s1"), K.flushes]
-        keys += [K.request(rid) for _, rid in entries]
-        args: list[Any] = [CONSUMER_GROUP, "s1", 0]
-        for eid, rid in entries:
-            args += [eid, rid]
-        self.scripts.commit_flush(keys=keys, args=args)
-        return [rid for _, rid in entries]
+        return asyncio.run(main())
 
-    def deliver(self, rid: str, result: Result) -> int:
-        line = orjson.dumps({"custom_id": custom_id_for(rid, 1), "result": result})
-        reply = self.scripts.deliver(
-            keys=[K.request(rid), K.result(rid), K.intake, K.queue_stats],
-            args=[1, line, "0", 3, TTL, K.delivered_channel, rid],
-        )
-        return int(reply[0])
+    def pending(self) -> int:
+        return self._run(lambda d: d.store.snapshot(dead_after_ms=10_000)).pending_requests
 
-    def answer_next(self, respond: Responder, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        rids: list[str] = []
-        while not rids:
-            assert time.monotonic() < deadline, "no request was submitted"
-            rids = self.flush(block_ms=100)
-        for rid in rids:
-            body = self.r.hget(K.request(rid), "body")
-            assert body is not None
-            assert self.deliver(rid, respond(orjson.loads(body))) == 1
+    def flush(self) -> list[str]:
+        return self._run(lambda d: d.flush())
+
+    def deliver(self, rid: str, result: Result) -> DeliverOutcome:
+        return self._run(lambda d: d.deliver(rid, result))
+
+    def answer_next(self, respond: Responder) -> None:
+        self._run(lambda d: d.answer_next(respond))
 
 
 @pytest.fixture
@@ -211,15 +184,6 @@ def sync_client(settings: Settings) -> Iterator[Client]:
         yield c
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, within: float = 5.0) -> None:
-    """Poll an async predicate until it holds; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + within
-    while not await predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def listener_subscribed(r: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
     """True once some client's result listener is subscribed to the delivered channel."""
 
@@ -230,50 +194,62 @@ def listener_subscribed(r: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
     return check
 
 
+async def stream(store: Store) -> list[IntakeEntry]:
+    """The intake stream as it stands, without reading it as a consumer."""
+    raw = await store.redis.xrange(K.intake)
+    return [e for i, f in raw if (e := IntakeEntry.from_stream(i, f)) is not None]
+
+
+async def bodies(store: Store, daemon: DaemonDouble) -> dict[str, Any]:
+    """Flush everything queued and return each request's stored params, by request id."""
+    fid, _ = await daemon._flush()
+    return {item.rid: orjson.loads(item.body) for item in await store.flush_items(fid)}
+
+
 # --- submit ----------------------------------------------------------------------------------------------
 async def test_submit_writes_the_request_and_one_stream_entry(
-    client: AsyncClient, aredis: aioredis.Redis
+    client: AsyncClient, store: Store, daemon: DaemonDouble
 ) -> None:
     p = params()
     rid = await client.submit(p)
 
-    stored = await aredis.hgetall(K.request(rid))
-    assert stored[b"state"] == b"queued"
-    assert stored[b"attempts"] == b"1"
-    assert orjson.loads(stored[b"body"]) == p
-    entries = await aredis.xrange(K.intake)
-    assert [fields for _, fields in entries] == [
-        {b"rid": rid.encode(), b"cid": f"{rid}-1".encode(), b"n": str(len(stored[b"body"])).encode()}
-    ]
-    assert await aredis.hget(K.queue_stats, "n") == b"1"
+    record = await store.request(rid)
+    assert record is not None and (record.state, record.attempts) == (RequestState.QUEUED, 1)
+    [entry] = await stream(store)
+    assert (entry.rid, entry.custom_id, entry.params_bytes) == (rid, f"{rid}-1", record.params_bytes)
+    assert (await store.snapshot(dead_after_ms=10_000)).pending_requests == 1
+    assert await bodies(store, daemon) == {rid: p}
 
 
-async def test_submit_many_returns_ids_in_order(client: AsyncClient, aredis: aioredis.Redis) -> None:
+async def test_submit_many_returns_ids_in_order(
+    client: AsyncClient, store: Store, daemon: DaemonDouble
+) -> None:
     texts = [f"q{i}" for i in range(1200)]  # more than one enqueue chunk (500)
     rids = await client.submit_many([params(t) for t in texts])
 
     assert len(rids) == len(set(rids)) == len(texts)
-    assert await aredis.xlen(K.intake) == len(texts)
-    for rid, text in zip(rids[::97], texts[::97], strict=True):
-        body = await aredis.hget(K.request(rid), "body")
-        assert body is not None and orjson.loads(body) == params(text)
-    stream_rids = [f[b"rid"].decode() for _, f in await aredis.xrange(K.intake)]
-    assert stream_rids == rids
+    assert [e.rid for e in await stream(store)] == rids
+    stored = await bodies(store, daemon)
+    assert [stored[rid] for rid in rids] == [params(t) for t in texts]
 
 
-async def test_submit_many_with_caller_ids(client: AsyncClient, aredis: aioredis.Redis) -> None:
+async def test_submit_many_with_caller_ids(client: AsyncClient, store: Store) -> None:
     assert await client.submit_many([params("a"), params("b")], ["id-a", "id-b"]) == ["id-a", "id-b"]
-    assert await aredis.exists(K.request("id-a"), K.request("id-b")) == 2
+    assert await store.request_states(["id-a", "id-b"]) == {
+        "id-a": RequestState.QUEUED,
+        "id-b": RequestState.QUEUED,
+    }
 
 
-async def test_same_request_id_twice_is_one_request(client: AsyncClient, aredis: aioredis.Redis) -> None:
+async def test_same_request_id_twice_is_one_request(
+    client: AsyncClient, store: Store, daemon: DaemonDouble
+) -> None:
     assert await client.submit(params("first"), "order-42") == "order-42"
     assert await client.submit(params("second"), "order-42") == "order-42"
 
-    assert await aredis.xlen(K.intake) == 1
-    body = await aredis.hget(K.request("order-42"), "body")
-    assert body is not None and orjson.loads(body) == params("first")
-    assert await aredis.hget(K.queue_stats, "n") == b"1"
+    assert len(await stream(store)) == 1
+    assert (await store.snapshot(dead_after_ms=10_000)).pending_requests == 1
+    assert await bodies(store, daemon) == {"order-42": params("first")}
 
 
 @pytest.mark.parametrize(
@@ -319,7 +295,7 @@ async def test_mismatched_id_count_writes_nothing(client: AsyncClient, aredis: a
 async def test_result_delivered_before_the_wait(client: AsyncClient, daemon: DaemonDouble) -> None:
     rid = await client.submit(params())
     assert await daemon.flush() == [rid]
-    assert await daemon.deliver(rid, succeeded("early")) == 1
+    assert await daemon.deliver(rid, succeeded("early")) is DeliverOutcome.DELIVERED
 
     result = await client.result(rid, timeout=5)
 
@@ -334,11 +310,11 @@ async def test_result_delivered_while_waiting(
     await daemon.flush()
     waiting = asyncio.create_task(client.result(rid, timeout=30))
     # The client's listener is subscribed: from here a delivery can only reach it by wake-up or by its GET.
-    await wait_for(listener_subscribed(aredis), "the result listener to subscribe")
+    await eventually(listener_subscribed(aredis), timeout=5, what="the result listener to subscribe")
     assert not waiting.done()
 
     delivered_at = time.monotonic()
-    assert await daemon.deliver(rid, succeeded("late")) == 1
+    assert await daemon.deliver(rid, succeeded("late")) is DeliverOutcome.DELIVERED
     result = await waiting
 
     assert time.monotonic() - delivered_at < WAKE_UP_BOUND
@@ -449,29 +425,29 @@ async def test_messages_create_raises_expired(client: AsyncClient, daemon: Daemo
     await answering
 
 
-async def test_messages_create_timeout_names_the_request(client: AsyncClient, aredis: aioredis.Redis) -> None:
+async def test_messages_create_timeout_names_the_request(client: AsyncClient, store: Store) -> None:
     with pytest.raises(ResultTimeout) as info:
         await client.messages.create(
             model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "x"}], timeout=0.2
         )
     # The id in the error is the queued request: the caller can collect it later.
-    assert await aredis.exists(K.request(info.value.request_id)) == 1
+    assert await store.request(info.value.request_id) is not None
 
 
 # --- cancel ----------------------------------------------------------------------------------------------
-async def test_cancel_queued_request(client: AsyncClient, aredis: aioredis.Redis) -> None:
+async def test_cancel_queued_request(client: AsyncClient, store: Store) -> None:
     rid = await client.submit(params())
 
     assert await client.cancel(rid) is True
 
     assert isinstance(await client.result(rid, timeout=1), MessageBatchCanceledResult)
-    assert await aredis.hget(K.queue_stats, "n") == b"0"
+    assert (await store.snapshot(dead_after_ms=10_000)).pending_requests == 0
 
 
 async def test_cancel_wakes_a_waiter(client: AsyncClient, aredis: aioredis.Redis) -> None:
     rid = await client.submit(params())
     waiting = asyncio.create_task(client.result(rid, timeout=30))
-    await wait_for(listener_subscribed(aredis), "the result listener to subscribe")
+    await eventually(listener_subscribed(aredis), timeout=5, what="the result listener to subscribe")
 
     assert await client.cancel(rid) is True
     assert isinstance(await waiting, MessageBatchCanceledResult)
@@ -485,7 +461,7 @@ async def test_cancel_flushed_request_answers_canceled(client: AsyncClient, daem
 
     assert isinstance(await client.result(rid, timeout=1), MessageBatchCanceledResult)
     # The batch's own late answer is then dropped.
-    assert await daemon.deliver(rid, succeeded()) == 0
+    assert await daemon.deliver(rid, succeeded()) is DeliverOutcome.DUPLICATE
 
 
 async def test_cancel_answered_request_keeps_its_answer(client: AsyncClient, daemon: DaemonDouble) -> None:
@@ -543,7 +519,7 @@ async def test_thousands_of_waiters_share_a_handful_of_connections(
         waiters = [asyncio.create_task(client.result(rid, timeout=60)) for rid in rids]
         # Every caller registered with the shared listener (a private attribute, read only here: nothing
         # public says "N callers are waiting").
-        await wait_for(_all_waiting(client, n), f"{n} waiters", within=30)
+        await eventually(_all_waiting(client, n), timeout=30, what=f"{n} waiters")
         for i, rid in enumerate(rids):
             await daemon.deliver(rid, succeeded(f"a{i}"))
         results = await asyncio.gather(*waiters)
@@ -565,24 +541,21 @@ def _all_waiting(client: AsyncClient, n: int) -> Callable[[], Awaitable[bool]]:
 # --- the sync Client -------------------------------------------------------------------------------------
 def test_sync_submit_and_result(sync_client: Client, redis_url: str) -> None:
     double = SyncDaemonDouble(redis_url)
-    try:
-        rid = sync_client.submit(params(), "sync-1")
-        rids = sync_client.submit_many([params("a"), params("b")])
-        assert rid == "sync-1"
-        assert len(rids) == 2
-        assert double.r.xlen(K.intake) == 3
-        assert sync_client.peek(rid) is None
+    rid = sync_client.submit(params(), "sync-1")
+    rids = sync_client.submit_many([params("a"), params("b")])
+    assert rid == "sync-1"
+    assert len(rids) == 2
+    assert double.pending() == 3
+    assert sync_client.peek(rid) is None
 
-        assert set(double.flush()) == {rid, *rids}
-        assert double.deliver(rid, succeeded("sync")) == 1
+    assert set(double.flush()) == {rid, *rids}
+    assert double.deliver(rid, succeeded("sync")) is DeliverOutcome.DELIVERED
 
-        result = sync_client.result(rid, timeout=5)
-        assert isinstance(result, MessageBatchSucceededResult)
-        assert result.message.content[0].text == "sync"  # type: ignore[union-attr]
-        with pytest.raises(ResultTimeout):
-            sync_client.result(rids[0], timeout=0.2)
-    finally:
-        double.close()
+    result = sync_client.result(rid, timeout=5)
+    assert isinstance(result, MessageBatchSucceededResult)
+    assert result.message.content[0].text == "sync"  # type: ignore[union-attr]
+    with pytest.raises(ResultTimeout):
+        sync_client.result(rids[0], timeout=0.2)
 
 
 def test_sync_messages_create(sync_client: Client, redis_url: str) -> None:
@@ -595,7 +568,6 @@ def test_sync_messages_create(sync_client: Client, redis_url: str) -> None:
         )
     finally:
         answering.join(timeout=15)
-        double.close()
     assert isinstance(message, anthropic.types.Message)
     assert message.content[0].text == "echo: sync ping"  # type: ignore[union-attr]
 
@@ -666,3 +638,48 @@ def test_redis_url_starts_each_test_empty(redis_url: str, sync_redis: redis.Redi
     # `dbsize() == 0` assertion above, whatever the order).
     sync_redis.set("left-behind", 1)
     assert sync_redis.config_get("maxmemory")["maxmemory"] == "0"
+
+
+# --- after close -----------------------------------------------------------------------------------------
+async def test_a_closed_client_refuses_every_call_at_once(settings: Settings) -> None:
+    client = AsyncClient(settings=settings)
+    rid = await client.submit(params())
+    await client.close()
+    await client.close()  # closing twice is harmless
+    started = time.monotonic()
+    for call in (
+        lambda: client.submit(params()),
+        lambda: client.submit_many([params()]),
+        lambda: client.result(rid, timeout=30),
+        lambda: client.peek(rid),
+        lambda: client.cancel(rid),
+        lambda: client.ping(),
+        lambda: client.messages.create(model="claude-x", max_tokens=8, messages=[], timeout=30),
+    ):
+        with pytest.raises(ClientClosed):
+            await call()
+    assert time.monotonic() - started < 1.0, "a closed client must fail at once, not wait out its timeout"
+
+
+async def test_closing_a_client_wakes_its_waiters_with_client_closed(
+    settings: Settings, aredis: aioredis.Redis
+) -> None:
+    client = AsyncClient(settings=settings)
+    rid = await client.submit(params())
+    waiting = [asyncio.create_task(client.result(rid, timeout=60)) for _ in range(3)]
+    await eventually(listener_subscribed(aredis), timeout=5, what="the result listener to subscribe")
+    await client.close()
+    async with asyncio.timeout(2):
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(o, ClientClosed) for o in outcomes), outcomes
+
+
+def test_a_closed_sync_client_refuses_calls(settings: Settings) -> None:
+    client = Client(settings=settings)
+    rid = client.submit(params())
+    client.close()
+    client.close()
+    with pytest.raises(ClientClosed):
+        client.result(rid, timeout=30)
+    with pytest.raises(ClientClosed):
+        client.submit(params())

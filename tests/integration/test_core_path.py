@@ -8,13 +8,13 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from batchd import AsyncClient, Client, RequestErrored
 from batchd.batchbody import body_size
-from batchd.keys import Keys, custom_id_for
 from batchd.settings import Settings
-from tests.daemon_harness import eventually, running_daemon
+from batchd.store import FlushSummary, Store, custom_id_for
+from tests.daemon_harness import running_daemon
+from tests.eventually import eventually
 
 MODELS = ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5")
 
@@ -23,12 +23,13 @@ def params(text: str, model: str = MODELS[0], **extra: Any) -> dict[str, Any]:
     return {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": text}], **extra}
 
 
-async def recent_flushes(redis: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    return [orjson.loads(raw) for raw in reversed(await redis.lrange(keys.recent_flushes, 0, -1))]
+async def recent_flushes(store: Store) -> list[FlushSummary]:
+    """The batches created, oldest first."""
+    return list(reversed(await store.recent_flushes()))
 
 
 async def test_5000_concurrent_callers_with_mixed_models_each_get_their_own_answer(
-    make_settings: Callable[..., Settings], emulator: Any
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     settings = make_settings(emulator=True, max_batch_requests=1000, max_batch_age_seconds=0.3)
     async with running_daemon(settings), AsyncClient(settings=settings) as client:
@@ -43,33 +44,34 @@ async def test_5000_concurrent_callers_with_mixed_models_each_get_their_own_answ
             assert message.usage.service_tier == "batch"
 
         await asyncio.gather(*(caller(n) for n in range(5000)))
-        flushes = await recent_flushes(client.redis, client.keys)
+        flushes = await recent_flushes(store)
         # Models share batches: the answers of the largest batch came from all three models.
-        largest = max(flushes, key=lambda f: f["requests"])
-        rids = [r.decode() for r in await client.redis.lrange(client.keys.flush_rids(largest["fid"]), 0, -1)]
-        lines = await client.redis.mget([client.keys.result(rid) for rid in rids])
-        models = {orjson.loads(line)["result"]["message"]["model"] for line in lines}
+        largest = max(flushes, key=lambda f: f.requests)
+        lines = await store.result_lines(await store.flush_rids(largest.fid))
+        models = {orjson.loads(line)["result"]["message"]["model"] for line in lines if line is not None}
     stats = emulator.stats()
     assert stats["requests_received"] == 5000
     assert stats["duplicate_custom_ids"] == 0
     assert stats["realtime_requests"] == 0
-    assert sum(f["requests"] for f in flushes) == 5000
-    assert max(f["requests"] for f in flushes) <= 1000
+    assert sum(f.requests for f in flushes) == 5000
+    assert max(f.requests for f in flushes) <= 1000
     assert models == set(MODELS)
 
 
-async def test_count_trigger_fires_alone(make_settings: Callable[..., Settings], emulator: Any) -> None:
+async def test_count_trigger_fires_alone(
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
+) -> None:
     settings = make_settings(emulator=True, max_batch_requests=10, max_batch_age_seconds=300)
     async with running_daemon(settings), AsyncClient(settings=settings) as client:
         rids = await client.submit_many([params(f"q{i}") for i in range(10)])
         results = await asyncio.gather(*(client.result(rid, timeout=30) for rid in rids))
         assert [r.type for r in results] == ["succeeded"] * 10
-        flushes = await recent_flushes(client.redis, client.keys)
-    assert [(f["requests"], f["trigger"]) for f in flushes] == [(10, "count")]
+        flushes = await recent_flushes(store)
+    assert [(f.requests, f.trigger) for f in flushes] == [(10, "count")]
 
 
 async def test_bytes_trigger_fires_alone_and_the_body_fits(
-    make_settings: Callable[..., Settings], emulator: Any
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     big = "x" * 3000
     one = len(orjson.dumps(params(big)))
@@ -83,18 +85,19 @@ async def test_bytes_trigger_fires_alone_and_the_body_fits(
         rids = await client.submit_many([params(big) for _ in range(4)], [f"r{i:021d}" for i in range(4)])
         results = await asyncio.gather(*(client.result(rid, timeout=30) for rid in rids[:3]))
         assert [r.type for r in results] == ["succeeded"] * 3
-        flushes = await recent_flushes(client.redis, client.keys)
-        fid = flushes[0]["fid"]
-        sent_size = int(await client.redis.hget(client.keys.flush(fid), "size"))
+        flushes = await recent_flushes(store)
+        flush = await store.flush(flushes[0].fid)
+        assert flush is not None and flush.body_bytes is not None
+        sent_size = flush.body_bytes
         # The fourth request is still queued: nothing but bytes could have fired.
         assert await client.peek(rids[3]) is None
-    assert [(f["requests"], f["trigger"]) for f in flushes] == [(3, "bytes")]
+    assert [(f.requests, f.trigger) for f in flushes] == [(3, "bytes")]
     assert sent_size <= limit
     assert sent_size + 1 + cid_len + one + len('{"custom_id":"","params":}') > limit
 
 
 async def test_age_trigger_fires_at_the_oldest_requests_deadline(
-    make_settings: Callable[..., Settings], emulator: Any
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     age = 0.4
     settings = make_settings(emulator=True, max_batch_requests=1000, max_batch_age_seconds=age)
@@ -104,11 +107,11 @@ async def test_age_trigger_fires_at_the_oldest_requests_deadline(
         second = await client.submit(params("younger"))
         for rid in (first, second):
             assert (await client.result(rid, timeout=30)).type == "succeeded"
-        flushes = await recent_flushes(client.redis, client.keys)
-        fid = flushes[0]["fid"]
-        created = int(await client.redis.hget(client.keys.flush(fid), "created"))
-        enqueued = int(await client.redis.hget(client.keys.request(first), "enq"))
-    assert [(f["requests"], f["trigger"]) for f in flushes] == [(2, "age")]
+        flushes = await recent_flushes(store)
+        flush, request = await store.flush(flushes[0].fid), await store.request(first)
+        assert flush is not None and request is not None
+        created, enqueued = flush.created_ms, request.enqueued_ms
+    assert [(f.requests, f.trigger) for f in flushes] == [(2, "age")]
     late = (created - enqueued) / 1000 - age
     assert late >= -0.01, "flushed before the deadline"
     # The target is 100 ms; the bound leaves room for a loaded CI machine (benchmarks measure it exactly).
@@ -116,14 +119,14 @@ async def test_age_trigger_fires_at_the_oldest_requests_deadline(
 
 
 async def test_a_caller_that_was_not_waiting_collects_later_from_a_new_client(
-    make_settings: Callable[..., Settings], emulator: Any
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     settings = make_settings(emulator=True, max_batch_age_seconds=0.2)
     async with running_daemon(settings), AsyncClient(settings=settings) as producer:
         rid = await producer.submit(params("fire and forget"))
 
         async def answered() -> bool:
-            return bool(await producer.redis.exists(producer.keys.result(rid)))
+            return (await store.result_line(rid))[0] is not None
 
         await eventually(answered)
     # A different process would do exactly this: a new client, the id, and the answer.
@@ -134,7 +137,7 @@ async def test_a_caller_that_was_not_waiting_collects_later_from_a_new_client(
 
 
 async def test_a_request_id_given_twice_is_one_request_and_one_answer(
-    make_settings: Callable[..., Settings], emulator: Any
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     settings = make_settings(emulator=True, max_batch_age_seconds=0.2)
     async with (
@@ -149,14 +152,14 @@ async def test_a_request_id_given_twice_is_one_request_and_one_answer(
         )
         # After the answer, the same id is still one request: nothing new is queued.
         assert await a.submit(params("once"), request_id="order-42") == "order-42"
-        assert await a.redis.xlen(a.keys.intake) == 0
+        assert (await store.snapshot(dead_after_ms=10_000)).pending_requests == 0
     assert first.type == second.type == "succeeded"
     assert first.message.id == second.message.id  # type: ignore[union-attr]
     assert emulator.stats()["requests_received"] == 1
 
 
 async def test_expired_then_overloaded_requests_are_retried_until_they_succeed(
-    make_settings: Callable[..., Settings], emulator: Any
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     settings = make_settings(emulator=True, max_batch_age_seconds=0.2, max_attempts=3)
     emulator.configure(expired_rate=1.0)
@@ -165,8 +168,8 @@ async def test_expired_then_overloaded_requests_are_retried_until_they_succeed(
 
         def all_at_attempt(n: int) -> Callable[[], Any]:
             async def check() -> bool:
-                values = [await client.redis.hget(client.keys.request(r), "attempts") for r in rids]
-                return all(v is not None and int(v) == n for v in values)
+                records = [await store.request(r) for r in rids]
+                return all(r is not None and r.attempts == n for r in records)
 
             return check
 
@@ -201,7 +204,9 @@ async def test_invalid_params_reach_the_caller_as_the_apis_error(
     assert emulator.stats()["requests_received"] == 2
 
 
-async def test_cancel_before_and_after_flush(make_settings: Callable[..., Settings], emulator: Any) -> None:
+async def test_cancel_before_and_after_flush(
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
+) -> None:
     # Slow batches, so a flushed request is still in flight when it is canceled.
     emulator.configure(processing_seconds=3.0)
     settings = make_settings(emulator=True, max_batch_age_seconds=0.3)
@@ -212,7 +217,7 @@ async def test_cancel_before_and_after_flush(make_settings: Callable[..., Settin
         a, b = await client.submit_many([params("a"), params("b")])
 
         async def in_a_batch() -> bool:
-            return bool(await client.redis.zcard(client.keys.open_batches))
+            return bool(await store.open_batch_ids())
 
         await eventually(in_a_batch)
         assert await client.cancel(a) is False

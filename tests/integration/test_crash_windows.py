@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -29,22 +28,19 @@ from batchd import AsyncClient, batches
 from batchd import accumulator as accumulator_module
 from batchd.accumulator import Accumulator
 from batchd.batches import Context, RetryLater
+from batchd.batches import reconciler as reconcile_module
 from batchd.emulator.testing import async_wait_for_batch
-from batchd.keys import CONSUMER_GROUP, Keys
-from batchd.scripts import Scripts
 from batchd.settings import Settings, load_settings
+from batchd.store import FlushState, IntakeEntry, Keys, RequestState, Store, Trigger, now_ms
 from tests.chaos.harness import DaemonProcess, Publications, daemon_env
-from tests.daemon_harness import eventually, running_daemon
+from tests.daemon_harness import running_daemon
+from tests.eventually import eventually
 
 KEYS = Keys()
 
 
 def params(text: str) -> dict[str, Any]:
     return {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 # --- a tiny job runner, the answers, the flushes ----------------------------------------------------------
@@ -100,9 +96,7 @@ async def run_until_settled(
 
 
 @contextlib.asynccontextmanager
-async def batch_context(
-    settings: Settings, redis: aioredis.Redis, jobs: Jobs, scripts: Scripts | None = None
-) -> AsyncIterator[Context]:
+async def batch_context(settings: Settings, store: Store, jobs: Jobs) -> AsyncIterator[Context]:
     """A Context like the daemon's (daemon.Daemon.run), with the recording scheduler."""
     assert settings.anthropic_api_key is not None
     api = anthropic.AsyncAnthropic(
@@ -111,7 +105,7 @@ async def batch_context(
         max_retries=2,
     )
     try:
-        yield Context(redis, KEYS, scripts or Scripts.register(redis), settings, api, jobs)
+        yield Context(store, settings, api, jobs)
     finally:
         await api.close()
 
@@ -164,26 +158,23 @@ class FlushLog:
     def __init__(self) -> None:
         self.flushes: list[tuple[str, str, int]] = []
 
-    def on_flush(self, consumer: str) -> Callable[[str, str, int, int], Any]:
-        async def record(fid: str, trigger: str, n: int, nbytes: int) -> None:
+    def on_flush(self, consumer: str) -> Callable[[str, Trigger, int, int], Any]:
+        async def record(fid: str, trigger: Trigger, n: int, nbytes: int) -> None:
             self.flushes.append((consumer, fid, n))
 
         return record
 
 
 def make_accumulator(
-    redis: aioredis.Redis,
+    store: Store,
     consumer: str,
     log: FlushLog,
     *,
-    scripts: Scripts | None = None,
     max_age_s: float = 0.0,
     dead_after_s: float = 10.0,
 ) -> Accumulator:
     return Accumulator(
-        redis,
-        KEYS,
-        scripts or Scripts.register(redis),
+        store,
         consumer=consumer,
         max_requests=1000,
         max_bytes=10_000_000,
@@ -195,7 +186,7 @@ def make_accumulator(
 
 async def flush_queued(acc: Accumulator) -> None:
     """One round of the accumulator: what is queued is read and (max age 0) flushed at once."""
-    await acc.ensure_group()
+    await acc.store.intake.ensure_group()
     await acc.step()
 
 
@@ -205,41 +196,45 @@ async def submit(client: AsyncClient, label: str, n: int) -> dict[str, str]:
     return dict(zip(rids, texts, strict=True))
 
 
-async def flush_rids(redis: aioredis.Redis, fid: str) -> list[str]:
-    return [r.decode() for r in await redis.lrange(KEYS.flush_rids(fid), 0, -1)]
+async def states(store: Store, rids: Sequence[str]) -> Counter[RequestState | None]:
+    return Counter((await store.request_states(rids)).values())
 
 
-async def states(redis: aioredis.Redis, rids: Sequence[str]) -> Counter[str]:
-    return Counter([(await redis.hget(KEYS.request(r), "state") or b"-").decode() for r in rids])
+async def flush_state(store: Store, fid: str) -> FlushState | None:
+    flush = await store.flush(fid)
+    return None if flush is None else flush.state
 
 
 # --- submit -> flush --------------------------------------------------------------------------------------
 async def test_submit_to_flush_a_dead_replicas_entries_are_claimed_a_live_replicas_are_not(
-    aredis: aioredis.Redis, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A consumer must be idle this long before it counts as gone (3 s in production).
     monkeypatch.setattr(accumulator_module, "_CONSUMER_IDLE_MS", 100)
     log = FlushLog()
-    dead = make_accumulator(aredis, "dead", log, max_age_s=3600)
-    live = make_accumulator(aredis, "live", log, max_age_s=3600)
-    heir = make_accumulator(aredis, "heir", log, max_age_s=0.05, dead_after_s=1.0)
+    dead = make_accumulator(store, "dead", log, max_age_s=3600)
+    live = make_accumulator(store, "live", log, max_age_s=3600)
+    heir = make_accumulator(store, "heir", log, max_age_s=0.05, dead_after_s=1.0)
     started = now_ms()
-    await aredis.zadd(KEYS.replicas, {"dead": started, "live": started, "heir": started})
+    for name in ("dead", "live", "heir"):
+        await store.heartbeat(name, started)
     async with AsyncClient(settings=make_settings()) as client:
         dead_texts = await submit(client, "read by the replica that dies", 10)
-        await dead.ensure_group()
+        await store.intake.ensure_group()
         await dead.step()
         live_texts = await submit(client, "read by the replica that lives", 5)
         await live.step()
-    assert (dead.buffered, live.buffered) == (10, 5)  # read, not flushed: in each consumer's pending list
+    # Read, not flushed: in each consumer's pending list.
+    assert {c.name: c.pending for c in await store.intake.consumers()} == {"dead": 10, "live": 5}
 
     # "dead" is SIGKILLed here: its heartbeat stops. "live" keeps beating (and is just as idle on the stream).
-    await aredis.zadd(KEYS.replicas, {"dead": started - 60_000})
+    await store.heartbeat("dead", started - 60_000)
     claimed = 0
 
     async def heir_claimed_the_dead_replicas_entries() -> bool:
         nonlocal claimed
-        await aredis.zadd(KEYS.replicas, {"live": now_ms(), "heir": now_ms()})
+        await store.heartbeat("live", now_ms())
+        await store.heartbeat("heir", now_ms())
         claimed += await heir.claim_from_dead()
         return claimed >= 10
 
@@ -248,33 +243,33 @@ async def test_submit_to_flush_a_dead_replicas_entries_are_claimed_a_live_replic
 
     assert claimed == 10
     assert [(consumer, n) for consumer, _, n in log.flushes] == [("heir", 10)]
-    assert set(await flush_rids(aredis, log.flushes[0][1])) == set(dead_texts)
-    pending = await aredis.xpending_range(KEYS.intake, CONSUMER_GROUP, min="-", max="+", count=100)
-    assert Counter(p["consumer"].decode() for p in pending) == {"live": 5}  # the live replica keeps its own
-    assert await states(aredis, list(live_texts)) == {"queued": 5}
+    assert set(await store.flush_rids(log.flushes[0][1])) == set(dead_texts)
+    pending = {c.name: c.pending for c in await store.intake.consumers() if c.pending}
+    assert pending == {"live": 5}  # the live replica keeps its own
+    assert await states(store, list(live_texts)) == {RequestState.QUEUED: 5}
 
 
 async def test_submit_to_flush_a_redis_error_inside_a_flush_strands_no_request(
-    aredis: aioredis.Redis, make_settings: Callable[..., Settings]
+    store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """The accumulator loses Redis in the middle of a flush (the commit script never ran). The daemon's
     supervisor runs the same Accumulator again: the entries it had taken for that flush are still in its
     pending list and must be flushed, not skipped as "already held"."""
-    scripts = Scripts.register(aredis)
-    real_commit = scripts.commit_flush
+    real_commit = store.scripts.commit_flush
     failures = 0
 
-    async def commit_flush_losing_redis_once(**kwargs: Any) -> Any:
+    async def commit_flush_losing_redis_once(
+        fid: str, entries: Sequence[IntakeEntry], *, now_ms: int
+    ) -> tuple[int, int]:
         nonlocal failures
         if failures == 0:
             failures += 1
             raise RedisConnectionError("Connection lost (injected before the script ran)")
-        return await real_commit(**kwargs)
+        return await real_commit(fid, entries, now_ms=now_ms)
 
     log = FlushLog()
-    acc = make_accumulator(
-        aredis, "c1", log, scripts=dataclasses.replace(scripts, commit_flush=commit_flush_losing_redis_once)
-    )
+    store.scripts.commit_flush = commit_flush_losing_redis_once  # type: ignore[method-assign]
+    acc = make_accumulator(store, "c1", log)
     async with AsyncClient(settings=make_settings()) as client:
         texts = await submit(client, "in the flush that failed", 10)
     stop = asyncio.Event()
@@ -283,15 +278,15 @@ async def test_submit_to_flush_a_redis_error_inside_a_flush_strands_no_request(
     task = asyncio.create_task(acc.run(stop))
 
     async def all_flushed() -> bool:
-        return await states(aredis, list(texts)) == {"flushed": 10}
+        return await states(store, list(texts)) == {RequestState.FLUSHED: 10}
 
     try:
         await eventually(all_flushed, timeout=5)
     except AssertionError:
-        pending = await aredis.xpending(KEYS.intake, CONSUMER_GROUP)
+        pending = await store.intake.group_pending()
         raise AssertionError(
-            f"requests stranded after the flush failed: states {dict(await states(aredis, list(texts)))}, "
-            f"still pending for the (live) consumer: {pending['pending']}; nothing will ever read them again"
+            f"requests stranded after the flush failed: states {dict(await states(store, list(texts)))}, "
+            f"still pending for the (live) consumer: {pending}; nothing will ever read them again"
         ) from None
     finally:
         stop.set()
@@ -302,38 +297,29 @@ async def test_submit_to_flush_a_redis_error_inside_a_flush_strands_no_request(
 # --- inside a chunked flush -------------------------------------------------------------------------------
 async def test_inside_a_chunked_flush_the_unsealed_flush_is_sealed_by_reconcile_and_answered(
     aredis: aioredis.Redis,
+    store: Store,
     make_settings: Callable[..., Settings],
     emulator: Any,
     answers: Answers,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(batches, "STALE_BUILDING_S", 0.5)
+    monkeypatch.setattr(reconcile_module, "STALE_BUILDING_S", 0.5)
     monkeypatch.setattr(accumulator_module, "_CONSUMER_IDLE_MS", 100)
     settings = make_settings(emulator=True)
-    scripts = Scripts.register(aredis)
     async with AsyncClient(settings=settings) as client:
         texts = await submit(client, "chunked", 7)
-    await aredis.xgroup_create(KEYS.intake, CONSUMER_GROUP, id="0", mkstream=True)
-    reply = await aredis.xreadgroup(CONSUMER_GROUP, "dying", {KEYS.intake: ">"}, count=100)
-    entries = [(eid.decode(), fields[b"rid"].decode()) for eid, fields in reply[0][1]]
-    assert [rid for _, rid in entries] == list(texts)
+    await store.intake.ensure_group()
+    entries = await store.intake.read_new("dying", count=100, block_ms=None)
+    assert [e.rid for e in entries] == list(texts)
 
     # The accumulator commits the first chunk of its flush, then dies: no second chunk, no seal.
     fid = f"{now_ms()}-deadbeef0001"
     first, rest = entries[:4], entries[4:]
-    args: list[Any] = [CONSUMER_GROUP, fid, now_ms()]
-    for entry_id, rid in first:
-        args += [entry_id, rid]
-    await scripts.commit_flush(
-        keys=[KEYS.intake, KEYS.queue_stats, KEYS.flush(fid), KEYS.flush_rids(fid), KEYS.flushes]
-        + [KEYS.request(rid) for _, rid in first],
-        args=args,
-        client=aredis,
-    )
-    assert await aredis.hget(KEYS.flush(fid), "state") == b"building"
+    await store.scripts.commit_flush(fid, first, now_ms=now_ms())
+    assert await flush_state(store, fid) is FlushState.BUILDING
 
     jobs = Jobs()
-    async with batch_context(settings, aredis, jobs) as ctx:
+    async with batch_context(settings, store, jobs) as ctx:
         # Too young to be abandoned: a live accumulator may still be adding chunks.
         assert (await batches.reconcile(ctx))["sealed"] == 0
         assert jobs.submits == []
@@ -343,13 +329,13 @@ async def test_inside_a_chunked_flush_the_unsealed_flush_is_sealed_by_reconcile_
             return (await batches.reconcile(ctx))["sealed"] == 1
 
         await eventually(reconcile_sealed_it, timeout=5, interval=0.05)
-        assert await aredis.hget(KEYS.flush(fid), "state") == b"sealed"
+        assert await flush_state(store, fid) is FlushState.SEALED
         assert jobs.submits == [fid]
 
         # The entries of the chunk that never ran are still the dead consumer's: claimed and flushed.
         log = FlushLog()
-        heir = make_accumulator(aredis, "heir", log, dead_after_s=0.2)
-        await aredis.zadd(KEYS.replicas, {"heir": now_ms()})
+        heir = make_accumulator(store, "heir", log, dead_after_s=0.2)
+        await store.heartbeat("heir", now_ms())
 
         async def heir_flushed_the_rest() -> bool:
             await heir.claim_from_dead()
@@ -361,7 +347,7 @@ async def test_inside_a_chunked_flush_the_unsealed_flush_is_sealed_by_reconcile_
             await jobs.submit(heir_fid)
         await jobs.run(ctx)
 
-    assert await flush_rids(aredis, fid) == [rid for _, rid in first]
+    assert await store.flush_rids(fid) == [e.rid for e in first]
     await answers.assert_answered_once(texts)
     stats = emulator.stats()
     assert (stats["requests_received"], stats["duplicate_custom_ids"]) == (7, 0)
@@ -369,18 +355,18 @@ async def test_inside_a_chunked_flush_the_unsealed_flush_is_sealed_by_reconcile_
 
 # --- between seal and the submit job ----------------------------------------------------------------------
 async def test_between_seal_and_submit_job_reconcile_submits_the_sealed_flush(
-    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+    store: Store, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
 ) -> None:
     settings = make_settings(emulator=True)
     log = FlushLog()  # its on_flush enqueues nothing: the replica died right after seal_flush
     async with AsyncClient(settings=settings) as client:
         texts = await submit(client, "sealed, never enqueued", 5)
-    await flush_queued(make_accumulator(aredis, "acc", log))
+    await flush_queued(make_accumulator(store, "acc", log))
     [(_, fid, n)] = log.flushes
-    assert n == 5 and await aredis.hget(KEYS.flush(fid), "state") == b"sealed"
+    assert n == 5 and await flush_state(store, fid) is FlushState.SEALED
 
     jobs = Jobs()
-    async with batch_context(settings, aredis, jobs) as ctx:
+    async with batch_context(settings, store, jobs) as ctx:
         assert (await batches.reconcile(ctx))["submit"] == 1
         assert jobs.submits == [fid]
         await jobs.run(ctx)
@@ -416,9 +402,7 @@ class DiesAroundCreate(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-async def die_around_create(
-    settings: Settings, redis: aioredis.Redis, fid: str, *, reached_api: bool
-) -> None:
+async def die_around_create(settings: Settings, store: Store, fid: str, *, reached_api: bool) -> None:
     """Run submit_flush in a replica that dies at its create POST."""
     assert settings.anthropic_api_key is not None
     http = httpx2.AsyncClient(transport=DiesAroundCreate(reached_api=reached_api))
@@ -428,7 +412,7 @@ async def die_around_create(
         http_client=http,
     )
     try:
-        ctx = Context(redis, KEYS, Scripts.register(redis), settings, api, Jobs())
+        ctx = Context(store, settings, api, Jobs())
         with pytest.raises(ProcessKilled):
             await batches.submit_flush(ctx, fid)
     finally:
@@ -437,27 +421,28 @@ async def die_around_create(
 
 
 async def test_between_intent_and_create_returning_the_orphan_batch_is_adopted_not_created_again(
-    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+    store: Store, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
 ) -> None:
     settings = make_settings(emulator=True)
     log = FlushLog()
     async with AsyncClient(settings=settings) as client:
         texts = await submit(client, "created, never recorded", 5)
-    await flush_queued(make_accumulator(aredis, "acc", log))
+    await flush_queued(make_accumulator(store, "acc", log))
     [(_, fid, _)] = log.flushes
 
-    await die_around_create(settings, aredis, fid, reached_api=True)
+    await die_around_create(settings, store, fid, reached_api=True)
     assert emulator.stats()["batches_created"] == 1
-    assert await aredis.hget(KEYS.flush(fid), "state") == b"submitting"
-    assert await aredis.zcard(KEYS.known_batches) == 0  # the API has a batch batchd never recorded
+    assert await flush_state(store, fid) is FlushState.SUBMITTING
+    assert await store.known_batch_ids() == []  # the API has a batch batchd never recorded
 
     jobs = Jobs()
-    async with batch_context(settings, aredis, jobs) as ctx:
+    async with batch_context(settings, store, jobs) as ctx:
         # The job runs again (arq re-runs it; the reconciler re-enqueues it).
         orphan = await batches.submit_flush(ctx, fid)
         assert emulator.stats()["batches_created"] == 1  # adopted, not created again
-        assert await aredis.hmget(KEYS.flush(fid), ["state", "batch"]) == [b"submitted", orphan.encode()]
-        assert orjson.loads(await aredis.lindex(KEYS.recent_flushes, 0))["adopted"] is True
+        flush = await store.flush(fid)
+        assert flush is not None and (flush.state, flush.batch_id) == (FlushState.SUBMITTED, orphan)
+        assert (await store.recent_flushes(1))[0].adopted is True
         assert jobs.polls == [orphan]
         await jobs.run(ctx)
     await answers.assert_answered_once(texts)
@@ -466,7 +451,7 @@ async def test_between_intent_and_create_returning_the_orphan_batch_is_adopted_n
 
 
 async def test_between_intent_and_create_returning_nothing_created_means_one_create(
-    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+    store: Store, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
 ) -> None:
     """The job died after recording its intent, before the POST left: no orphan to find, so the retry
     creates the batch, once."""
@@ -474,14 +459,14 @@ async def test_between_intent_and_create_returning_nothing_created_means_one_cre
     log = FlushLog()
     async with AsyncClient(settings=settings) as client:
         texts = await submit(client, "intent only", 5)
-    await flush_queued(make_accumulator(aredis, "acc", log))
+    await flush_queued(make_accumulator(store, "acc", log))
     [(_, fid, _)] = log.flushes
 
-    await die_around_create(settings, aredis, fid, reached_api=False)
-    assert await aredis.hget(KEYS.flush(fid), "state") == b"submitting"
+    await die_around_create(settings, store, fid, reached_api=False)
+    assert await flush_state(store, fid) is FlushState.SUBMITTING
     assert emulator.stats()["batches_created"] == 0
     jobs = Jobs()
-    async with batch_context(settings, aredis, jobs) as ctx:
+    async with batch_context(settings, store, jobs) as ctx:
         await jobs.submit(fid)
         await jobs.run(ctx)
     await answers.assert_answered_once(texts)
@@ -490,7 +475,7 @@ async def test_between_intent_and_create_returning_nothing_created_means_one_cre
 
 
 async def test_between_intent_and_create_returning_another_flushs_orphan_is_not_adopted(
-    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+    store: Store, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
 ) -> None:
     """Two flushes of the same size. A's replica died once the API had created A's batch (the orphan); the
     create lock was freed; B's create then failed with a retryable error that created nothing (500/529),
@@ -498,7 +483,7 @@ async def test_between_intent_and_create_returning_another_flushs_orphan_is_not_
     no orphan and sends A's requests again (paid twice), and B's requests burn an attempt unsent."""
     settings = make_settings(emulator=True)
     log = FlushLog()
-    acc = make_accumulator(aredis, "acc", log)
+    acc = make_accumulator(store, "acc", log)
     async with AsyncClient(settings=settings) as client:
         texts_a = await submit(client, "flush A", 5)
         await flush_queued(acc)
@@ -506,21 +491,22 @@ async def test_between_intent_and_create_returning_another_flushs_orphan_is_not_
         await flush_queued(acc)
     [(_, fid_a, _), (_, fid_b, _)] = log.flushes
 
-    await die_around_create(settings, aredis, fid_a, reached_api=True)
+    await die_around_create(settings, store, fid_a, reached_api=True)
     [orphan_a] = [b.id async for b in _batches(settings)]
     jobs = Jobs()
-    async with batch_context(settings, aredis, jobs) as ctx:
+    async with batch_context(settings, store, jobs) as ctx:
         emulator.configure(create_error_rate=1.0)
         with pytest.raises(RetryLater):
             await batches.submit_flush(ctx, fid_b)
         emulator.configure(create_error_rate=0.0)
-        assert await aredis.hget(KEYS.flush(fid_b), "state") == b"submitting"
+        assert await flush_state(store, fid_b) is FlushState.SUBMITTING
         # The two jobs run again, B's first (A's waits out arq's in-progress TTL). B's may be asked to
         # wait first: after a 500 its own create's outcome is unknown until the list has had time to show it.
         await run_until_settled(batches.submit_flush, ctx, fid_b)
         await run_until_settled(batches.submit_flush, ctx, fid_a)
-        batch_a = (await aredis.hget(KEYS.flush(fid_a), "batch") or b"").decode()
-        batch_b = (await aredis.hget(KEYS.flush(fid_b), "batch") or b"").decode()
+        flush_a, flush_b = await store.flush(fid_a), await store.flush(fid_b)
+        assert flush_a is not None and flush_b is not None
+        batch_a, batch_b = flush_a.batch_id, flush_b.batch_id
         outcome = {
             "A kept its own batch": batch_a == orphan_a,
             "B took A's batch": batch_b == orphan_a,
@@ -529,8 +515,8 @@ async def test_between_intent_and_create_returning_another_flushs_orphan_is_not_
         assert outcome == {"A kept its own batch": True, "B took A's batch": False, "duplicate_custom_ids": 0}
         await jobs.run(ctx)
     await answers.assert_answered_once({**texts_a, **texts_b})
-    attempts = [int(await aredis.hget(KEYS.request(r), "attempts")) for r in [*texts_a, *texts_b]]
-    assert attempts == [1] * 10
+    records = [await store.request(r) for r in [*texts_a, *texts_b]]
+    assert [r.attempts if r else None for r in records] == [1] * 10
 
 
 async def _batches(settings: Settings) -> AsyncIterator[Any]:
@@ -544,26 +530,25 @@ async def _batches(settings: Settings) -> AsyncIterator[Any]:
 
 # --- inside fan-out ---------------------------------------------------------------------------------------
 async def test_inside_fanout_a_cut_results_stream_resumes_from_its_checkpoint_and_delivers_once(
-    aredis: aioredis.Redis, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+    store: Store, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
 ) -> None:
     n = 1300  # more than two deliver chunks (500 lines each), so the cursor checkpoints mid-stream
     settings = make_settings(emulator=True)
-    scripts = Scripts.register(aredis)
-    real_deliver = scripts.deliver
+    real_deliver = store.scripts.deliver
     deliver_calls = 0
 
-    def counting_deliver(**kwargs: Any) -> Any:
+    async def counting_deliver(deliveries: Sequence[Any], **kwargs: Any) -> Any:
         nonlocal deliver_calls
-        deliver_calls += 1
-        return real_deliver(**kwargs)
+        deliver_calls += len(deliveries)
+        return await real_deliver(deliveries, **kwargs)
 
     log = FlushLog()
     async with AsyncClient(settings=settings) as client:
         texts = await submit(client, "fan-out", n)
-    acc = make_accumulator(aredis, "acc", log, max_age_s=3600)
+    acc = make_accumulator(store, "acc", log, max_age_s=3600)
     acc.max_requests = n  # one flush of all n, by count
 
-    await acc.ensure_group()
+    await store.intake.ensure_group()
 
     async def flushed_all() -> bool:
         await acc.step()
@@ -573,8 +558,8 @@ async def test_inside_fanout_a_cut_results_stream_resumes_from_its_checkpoint_an
     [(_, fid, _)] = log.flushes
 
     jobs = Jobs()
-    ctx_scripts = dataclasses.replace(scripts, deliver=counting_deliver)
-    async with batch_context(settings, aredis, jobs, ctx_scripts) as ctx:
+    store.scripts.deliver = counting_deliver  # type: ignore[method-assign]
+    async with batch_context(settings, store, jobs) as ctx:
         batch_id = await batches.submit_flush(ctx, fid)
         ended = await anthropic_wait_ended(ctx, batch_id)
         assert ended
@@ -584,7 +569,8 @@ async def test_inside_fanout_a_cut_results_stream_resumes_from_its_checkpoint_an
         while len(cursors) < 30 and not (cursors and cursors[-1] >= 500):
             with pytest.raises(RetryLater, match="broke off"):
                 await batches.fanout_results(ctx, batch_id)
-            cursors.append(int(await aredis.hget(KEYS.batch(batch_id), "cursor") or 0))
+            record = await store.batch(batch_id)
+            cursors.append(record.cursor if record else 0)
         assert cursors[-1] >= 500, f"no checkpoint in {len(cursors)} cut downloads: {cursors}"
         assert cursors == sorted(cursors), "the checkpoint moved back"
         cursor = cursors[-1]
@@ -603,8 +589,8 @@ async def test_inside_fanout_a_cut_results_stream_resumes_from_its_checkpoint_an
         assert await batches.fanout_results(ctx, batch_id) == "delivered"
         assert await batches.poll_batch(ctx, batch_id) == "done"
         assert await answers.published() == Counter({rid: 1 for rid in texts})
-        again = await aredis.mget([KEYS.result(rid) for rid in texts])
-        assert [orjson.loads(line) for line in again] == list(results.values())
+        again = await store.result_lines(list(texts))
+        assert [orjson.loads(line) for line in again if line] == list(results.values())
     assert emulator.stats()["results_cut"] == len(cursors)
 
 
@@ -613,7 +599,7 @@ async def anthropic_wait_ended(ctx: Context, batch_id: str, within: float = 10.0
 
 
 async def test_inside_fanout_a_cut_after_many_polls_is_retried_within_seconds(
-    make_settings: Callable[..., Settings], emulator: Any
+    make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     """The backoff after a broken results download counts failed downloads of this batch, not polls:
     a batch polled twenty times and then cut once must not wait the 60 s cap (arq's job_try, once used as
@@ -641,7 +627,9 @@ async def test_inside_fanout_a_cut_after_many_polls_is_retried_within_seconds(
         try:
             await eventually(answered, timeout=10)
         except AssertionError:
-            polls = int(await client.redis.hget(client.keys.batch(await _only_batch(client)), "polls") or 0)
+            [batch_id] = await store.known_batch_ids()
+            record = await store.batch(batch_id)
+            polls = record.polls if record else 0
             raise AssertionError(
                 f"still unanswered {time.monotonic() - cut_at:.0f}s after one cut results download; "
                 f"the batch had been polled {polls} times before the cut"
@@ -649,15 +637,10 @@ async def test_inside_fanout_a_cut_after_many_polls_is_retried_within_seconds(
     assert emulator.stats()["results_cut"] == 1
 
 
-async def _only_batch(client: AsyncClient) -> str:
-    [batch_id] = await client.redis.zrange(client.keys.known_batches, 0, -1)
-    return str(batch_id.decode())
-
-
 # --- a job SIGKILLed inside arq ---------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 async def test_arq_job_killed_mid_poll_runs_again_within_job_timeout(
-    redis_url: str, aredis: aioredis.Redis, emulator: Any, tmp_path: Path
+    redis_url: str, aredis: aioredis.Redis, store: Store, emulator: Any, tmp_path: Path
 ) -> None:
     """A replica is SIGKILLed while its poll job runs. arq leaves the job's in-progress key behind, and
     no worker runs the job until that key expires. Settings promise job_timeout_seconds + 10 s."""
@@ -678,11 +661,11 @@ async def test_arq_job_killed_mid_poll_runs_again_within_job_timeout(
             rid = await client.submit(params("killed mid-poll"))
 
             async def batch_open() -> bool:
-                return bool(await aredis.zcard(KEYS.open_batches))
+                return bool(await store.open_batch_ids())
 
             await eventually(batch_open, timeout=30)
-            [raw_batch] = await aredis.zrange(KEYS.open_batches, 0, -1)
-            in_progress = f"arq:in-progress:poll:{raw_batch.decode()}"
+            [batch_id] = await store.open_batch_ids()
+            in_progress = f"{KEYS.arq_namespace}in-progress:poll:{batch_id}"
             # Hold the poll job inside its run: every API call is a 429 with retry-after 3 s for a while.
             emulator.configure(rate_limit_rate=1.0, retry_after_seconds=3)
 

@@ -23,7 +23,8 @@ import redis
 
 from batchd import AsyncClient, RedisUnavailable
 from batchd.settings import Settings
-from tests.daemon_harness import eventually, running_daemon
+from tests.daemon_harness import running_daemon
+from tests.eventually import eventually
 from tests.redis_server import RedisServer, free_port
 
 USER, PASSWORD = "batchd-app", "acl-Pass-7f3e9"
@@ -75,7 +76,7 @@ async def test_acl_user_url_works_for_client_and_daemon(
             me = r.client_id()
             users = {c["user"] for c in r.client_list() if int(c["id"]) != me}
         assert users == {USER}, users
-        whoami = await client.redis.acl_whoami()
+        whoami = await client._redis.acl_whoami()  # the client's own connection (private: read only here)
         assert (whoami.decode() if isinstance(whoami, bytes) else whoami) == USER
 
 

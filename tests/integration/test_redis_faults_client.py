@@ -18,12 +18,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from anthropic.types.messages import MessageBatchSucceededResult
-from redis.exceptions import ResponseError
 
 from batchd import AsyncClient, Client, RedisUnavailable, ResultTimeout
-from batchd.keys import CONSUMER_GROUP, Keys, custom_id_for
-from batchd.scripts import Scripts
 from batchd.settings import Settings
+from batchd.store import DeliverOutcome, Delivery, IntakeEntry, Keys, Store, custom_id_for
+from tests.eventually import eventually
 from tests.redis_server import RedisServer
 
 K = Keys()
@@ -57,24 +56,14 @@ async def own_client(
         yield client
 
 
-async def _flush_and_deliver(r: aioredis.Redis, rid: str, text: str) -> None:
-    """The daemon's part for one request: commit it into a flush, then deliver a succeeded line."""
-    scripts = Scripts.register(r)
-    try:
-        await r.xgroup_create(K.intake, CONSUMER_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-    reply = await r.xreadgroup(CONSUMER_GROUP, "double", {K.intake: ">"})
-    entries = [(eid.decode(), f[b"rid"].decode()) for eid, f in reply[0][1]]
-    args: list[Any] = [CONSUMER_GROUP, "f1", 0]
-    for eid, entry_rid in entries:
-        args += [eid, entry_rid]
-    await scripts.commit_flush(
-        keys=[K.intake, K.queue_stats, K.flush("f1"), K.flush_rids("f1"), K.flushes]
-        + [K.request(entry_rid) for _, entry_rid in entries],
-        args=args,
-    )
+async def _flush_and_deliver(r: aioredis.Redis, rid: str, text: str) -> str:
+    """The daemon's part for one request: commit it into a flush, then deliver a succeeded line.
+    Returns the params the request was stored with (what the daemon would have sent)."""
+    store = Store(r, K)
+    await store.intake.ensure_group()
+    entries = await store.intake.read_new("double", count=100, block_ms=None)
+    await store.scripts.commit_flush("f1", entries, now_ms=0)
+    [item] = [i for i in await store.flush_items("f1") if i.rid == rid]
     message = {
         "id": "msg_1",
         "type": "message",
@@ -88,11 +77,20 @@ async def _flush_and_deliver(r: aioredis.Redis, rid: str, text: str) -> None:
     line = orjson.dumps(
         {"custom_id": custom_id_for(rid, 1), "result": {"type": "succeeded", "message": message}}
     )
-    code = await scripts.deliver(
-        keys=[K.request(rid), K.result(rid), K.intake, K.queue_stats],
-        args=[1, line, "0", 3, 3600, K.delivered_channel, rid],
+    [reply] = await store.scripts.deliver(
+        [Delivery(rid, 1, line, retry=False)], max_attempts=3, ttl_seconds=3600
     )
-    assert int(code[0]) == 1
+    assert reply.outcome is DeliverOutcome.DELIVERED
+    return item.body.decode()
+
+
+async def _listener_subscribed(url: str) -> None:
+    async with aioredis.Redis.from_url(url) as r:
+
+        async def subscribed() -> bool:
+            return int((await r.pubsub_numsub(K.delivered_channel))[0][1]) > 0
+
+        await eventually(subscribed, timeout=FAIL_FAST, what="the result listener to subscribe")
 
 
 # --- Redis down ------------------------------------------------------------------------------------------
@@ -156,18 +154,14 @@ async def test_frozen_redis_fails_within_socket_timeout(
 async def test_waiter_survives_a_redis_restart(own_server: RedisServer, own_client: AsyncClient) -> None:
     rid = await own_client.submit(params())
     waiting = asyncio.create_task(own_client.result(rid, timeout=60))
-    async with aioredis.Redis.from_url(own_server.url) as r:
-        deadline = time.monotonic() + FAIL_FAST
-        while int((await r.pubsub_numsub(K.delivered_channel))[0][1]) == 0:
-            assert time.monotonic() < deadline, "the result listener never subscribed"
-            await asyncio.sleep(0.01)
+    await _listener_subscribed(own_server.url)
 
     own_server.stop()
     own_server.start()  # same port; the AOF brings the queued request back
     assert not waiting.done()
 
     async with aioredis.Redis.from_url(own_server.url) as r:
-        assert await r.exists(K.request(rid)) == 1
+        assert await Store(r, K).request(rid) is not None
         await _flush_and_deliver(r, rid, "after restart")
 
     # The listener reconnects (backoff <= a few s) and re-checks pending ids, even though the publish
@@ -184,11 +178,7 @@ async def test_wait_with_redis_gone_ends_in_result_timeout(
     # Redis goes away *during* the wait: the caller's timeout still bounds it.
     rid = await own_client.submit(params())
     waiting = asyncio.create_task(own_client.result(rid, timeout=1.0))
-    async with aioredis.Redis.from_url(own_server.url) as r:
-        deadline = time.monotonic() + FAIL_FAST
-        while int((await r.pubsub_numsub(K.delivered_channel))[0][1]) == 0:
-            assert time.monotonic() < deadline, "the result listener never subscribed"
-            await asyncio.sleep(0.01)
+    await _listener_subscribed(own_server.url)
     own_server.stop()
     async with asyncio.timeout(FAIL_FAST):
         with pytest.raises(ResultTimeout):
@@ -214,7 +204,7 @@ async def test_submit_out_of_memory_raises_and_writes_nothing(
     for rid in ("oom-1", "oom-2", "oom-3"):
         assert await aredis.exists(K.request(rid)) == 0
     assert await aredis.exists(K.intake) == 0
-    assert await aredis.hget(K.queue_stats, "n") is None
+    assert await aredis.exists(K.queue_stats) == 0
 
 
 # --- Redis crash -----------------------------------------------------------------------------------------
@@ -229,9 +219,9 @@ async def test_acknowledged_submit_survives_a_redis_crash(
     assert own_server.port == port  # clients keep their URL across the restart
 
     async with aioredis.Redis.from_url(own_server.url) as r:
-        body = await r.hget(K.request(rid), "body")
-        assert body is not None and orjson.loads(body) == params("durable")
-        assert [f[b"rid"] for _, f in await r.xrange(K.intake)] == [rid.encode()]
+        queued = [IntakeEntry.from_stream(i, f) for i, f in await r.xrange(K.intake)]
+        assert [e.rid for e in queued if e is not None] == [rid]
+        assert orjson.loads(await _flush_and_deliver(r, rid, "answered")) == params("durable")
     # The same client object carries on once Redis is back (its pooled connections were dropped).
     assert await own_client.submit(params("durable"), "durable-1") == rid
     assert isinstance(await own_client.submit(params("after")), str)

@@ -21,7 +21,9 @@ from anthropic.types.messages import MessageBatchResult
 from batchd import AsyncClient, RedisUnavailable
 from batchd import metrics as batchd_metrics
 from batchd.settings import Settings
-from tests.daemon_harness import eventually, running_daemon
+from batchd.store import RequestState
+from tests.daemon_harness import running_daemon
+from tests.eventually import eventually
 from tests.redis_server import RedisServer
 
 # "Within a few seconds": a refused connection must fail at once.
@@ -111,9 +113,9 @@ async def test_every_accepted_request_is_answered_once_across_a_redis_crash(
         in_batch = await submit_group("in-batch", 10)
 
         async def in_open_batch() -> bool:
-            states = [await client.redis.hget(client.keys.request(r), "state") for r in in_batch]
-            return bool(await client.redis.zcard(client.keys.open_batches)) and all(
-                s == b"flushed" for s in states
+            states = await daemon.store.request_states(in_batch)
+            return bool(await daemon.store.open_batch_ids()) and all(
+                s is RequestState.FLUSHED for s in states.values()
             )
 
         await eventually(in_open_batch, timeout=15)
@@ -178,9 +180,7 @@ async def test_every_accepted_request_is_answered_once_across_a_redis_crash(
 
         # A refused submit may still have been written (the crash can eat the reply): if it was, it is an
         # accepted request like any other and is answered too; if not, it left no trace.
-        written = [rid for rid in flow_refused if await client.redis.exists(client.keys.request(rid))]
-        for rid in set(flow_refused) - set(written):
-            assert await client.redis.exists(client.keys.result(rid)) == 0, rid
+        written = [rid for rid in flow_refused if (await daemon.store.result_line(rid))[1]]
 
         deadline = time.monotonic() + 25
         everyone = answered + in_batch + queued + after + flow_accepted + written
@@ -191,10 +191,8 @@ async def test_every_accepted_request_is_answered_once_across_a_redis_crash(
 
         # The daemon kept working after the restart: nothing left in flight, its loops alive.
         async def drained() -> bool:
-            stats = await client.redis.hmget(client.keys.queue_stats, "n", "bytes")
-            return [int(v or 0) for v in stats] == [0, 0] and await client.redis.zcard(
-                client.keys.open_batches
-            ) == 0
+            snap = await daemon.store.snapshot(dead_after_ms=10_000)
+            return (snap.pending_requests, snap.pending_bytes, snap.open_batches) == (0, 0, 0)
 
         await eventually(drained, timeout=15)
         assert daemon.health.all_alive()
@@ -229,11 +227,11 @@ async def test_a_job_cut_off_by_the_crash_runs_again_soon_after_redis_is_back(
         job_timeout_seconds=5,
         shutdown_grace_seconds=1,
     )
-    async with running_daemon(settings), AsyncClient(settings=settings) as client:
+    async with running_daemon(settings) as daemon, AsyncClient(settings=settings) as client:
         rid = await client.submit(params("cut off"), "cut-off-1")
 
         async def batch_open() -> bool:
-            return bool(await client.redis.zcard(client.keys.open_batches))
+            return bool(await daemon.store.open_batch_ids())
 
         await eventually(batch_open, timeout=15)
         # Every API call now takes three 429 answers ~0.5 s apart (the SDK honours retry-after): a poll job

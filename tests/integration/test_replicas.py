@@ -16,11 +16,12 @@ import redis.asyncio as aioredis
 
 from batchd import AsyncClient
 from batchd import daemon as daemon_module
-from batchd.accumulator import Accumulator, Entry, Trigger
-from batchd.keys import CONSUMER_GROUP, Keys
+from batchd.accumulator import Accumulator, Entry
 from batchd.settings import Settings
+from batchd.store import Keys, Store, Trigger
 from tests.chaos.harness import Publications
-from tests.daemon_harness import eventually, running_daemon
+from tests.daemon_harness import running_daemon
+from tests.eventually import eventually
 
 KEYS = Keys()
 
@@ -50,7 +51,7 @@ def flush_record(monkeypatch: pytest.MonkeyPatch) -> Iterator[FlushRecord]:
         async def flush(self, entries: list[Entry], trigger: Trigger) -> str | None:
             fid = await super().flush(entries, trigger)
             if fid is not None:
-                record.flushes.append((self.consumer, fid, [e.rid for e in entries]))
+                record.flushes.append((self.consumer, fid, [e.intake.rid for e in entries]))
             return fid
 
     monkeypatch.setattr(daemon_module, "Accumulator", RecordingAccumulator)
@@ -73,6 +74,7 @@ async def publications(redis_url: str) -> AsyncIterator[tuple[Publications, aior
 
 
 async def test_two_replicas_share_2000_requests_each_answered_once_and_sent_once(
+    store: Store,
     make_settings: Callable[..., Settings],
     emulator: Any,
     flush_record: FlushRecord,
@@ -96,9 +98,8 @@ async def test_two_replicas_share_2000_requests_each_answered_once_and_sent_once
         await asyncio.gather(*(caller(rid) for rid in texts))
 
         async def drained() -> bool:
-            return not await client.redis.zcard(KEYS.open_batches) and not await client.redis.zcard(
-                KEYS.flushes
-            )
+            snap = await store.snapshot(dead_after_ms=10_000)
+            return not snap.open_batches and not snap.flushes_waiting
 
         await eventually(drained, timeout=30)
     await counter.barrier(observer, KEYS.delivered_channel)
@@ -109,9 +110,10 @@ async def test_two_replicas_share_2000_requests_each_answered_once_and_sent_once
     # Every request in exactly one flush, every flush in one batch, every custom id sent once.
     flushed = Counter(rid for _, _, rids in flush_record.flushes for rid in rids)
     assert flushed == Counter(dict.fromkeys(texts, 1))
-    batch_of_flush = Counter()
+    batch_of_flush: Counter[str] = Counter()
     for _, fid, _ in flush_record.flushes:
-        batch_of_flush[(await observer.hget(KEYS.flush(fid), "batch") or b"").decode()] += 1
+        flush = await store.flush(fid)
+        batch_of_flush[flush.batch_id or "" if flush else ""] += 1
     assert "" not in batch_of_flush and set(batch_of_flush.values()) == {1}
     stats = emulator.stats()
     assert (stats["requests_received"], stats["duplicate_custom_ids"]) == (2000, 0)
@@ -125,6 +127,7 @@ async def test_two_replicas_share_2000_requests_each_answered_once_and_sent_once
 
 
 async def test_a_replica_stopping_gracefully_hands_its_queued_requests_to_the_other(
+    store: Store,
     make_settings: Callable[..., Settings],
     emulator: Any,
     flush_record: FlushRecord,
@@ -138,8 +141,7 @@ async def test_a_replica_stopping_gracefully_hands_its_queued_requests_to_the_ot
         async with running_daemon(settings, consumer="leaves"):
 
             async def pending_by_consumer() -> dict[str, int]:
-                info = await observer.xinfo_consumers(KEYS.intake, CONSUMER_GROUP)
-                return {c["name"].decode(): int(c["pending"]) for c in info}
+                return {c.name: c.pending for c in await store.intake.consumers()}
 
             async def both_hold_requests() -> bool:
                 # One request at a time: the two replicas' blocked reads take turns.
@@ -153,7 +155,7 @@ async def test_a_replica_stopping_gracefully_hands_its_queued_requests_to_the_ot
             held = (await pending_by_consumer())["leaves"]
             assert not flush_record.flushes  # read, not flushed yet: only in the replicas' pending lists
         # "leaves" has stopped (SIGTERM path): it flushed nothing and left the heartbeat set.
-        assert await observer.zscore(KEYS.replicas, "leaves") is None
+        assert "leaves" not in await store.heartbeats()
 
         async def all_answered() -> bool:
             # peek, not result(): see the report on ResultWaiter.close (a cancel lost inside redis-py).
@@ -167,7 +169,7 @@ async def test_a_replica_stopping_gracefully_hands_its_queued_requests_to_the_ot
     assert held > 0 and len(owner) == len(texts)
     stats = emulator.stats()
     assert (stats["requests_received"], stats["duplicate_custom_ids"]) == (len(texts), 0)
-    lines = [orjson.loads(line) for line in await observer.mget([KEYS.result(r) for r in texts])]
+    lines = [orjson.loads(line) for line in await store.result_lines(list(texts)) if line is not None]
     assert [line["result"]["message"]["content"][0]["text"] for line in lines] == [
         "echo: " + text for text in texts.values()
     ]

@@ -30,8 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batchd import AsyncClient, jobs
 from batchd.daemon import Daemon
-from batchd.keys import Keys
 from batchd.settings import Settings, load_settings
+from batchd.store import Keys, Store
 from tests.redis_server import free_port
 
 MODELS = ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5")
@@ -284,7 +284,7 @@ async def test_batchd_run_serves_answers_metrics_status_and_stops_cleanly_on_sig
     assert seconds < 5.0, f"took {seconds:.1f}s to stop, grace period is 5s"
     async with aioredis.Redis.from_url(redis_url) as r:
         # A stopped replica leaves the heartbeat set at once, so the others need not wait to claim its work.
-        assert await r.zscore(K.replicas, daemon.consumer) is None
+        assert daemon.consumer not in await Store(r, K).heartbeats()
 
     # Every stderr line is one JSON object (log_records asserts it), one per batch event, with counts.
     records = daemon.log_records()
@@ -352,7 +352,7 @@ async def test_systemd_notify_ready_watchdog_and_stopping(
 
 
 async def test_sigterm_with_a_poll_job_deferred_exits_0_and_keeps_the_batch_for_the_next_start(
-    tmp_path: Path, redis_url: str, emulator: Any
+    tmp_path: Path, redis_url: str, emulator: Any, store: Store
 ) -> None:
     emulator.configure(processing_seconds=60.0)
     async with (
@@ -362,23 +362,23 @@ async def test_sigterm_with_a_poll_job_deferred_exits_0_and_keeps_the_batch_for_
         rid = await client.submit(params("slow batch"))
 
         async def batch_open() -> bool:
-            return bool(await client.redis.zcard(client.keys.open_batches))
+            return bool(await store.open_batch_ids())
 
         await until(batch_open, "the batch is created and recorded as open")
-        batch_id = (await client.redis.zrange(client.keys.open_batches, 0, 0))[0].decode()
+        [batch_id] = await store.open_batch_ids()
         code, seconds = await daemon.terminate()
         assert code == 0, daemon.stderr()
         assert seconds < 5.0, f"took {seconds:.1f}s to stop, grace period is 5s"
         # Nothing is lost: the batch is still open, its poll job still queued, the caller unanswered.
-        assert await client.redis.zscore(client.keys.open_batches, batch_id) is not None
-        assert await client.redis.zscore(client.keys.arq_queue, f"poll:{batch_id}") is not None
+        assert await store.open_batch_ids() == [batch_id]
+        assert await store.redis.zscore(K.arq_queue, f"poll:{batch_id}") is not None
         assert await client.peek(rid) is None
     assert emulator.stats()["batches_created"] == 1
     assert daemon.events("batch.created") and not daemon.events("batch.ended")
 
 
 async def test_sigterm_while_a_job_is_running_exits_0_within_the_grace_period(
-    tmp_path: Path, redis_url: str, emulator: Any
+    tmp_path: Path, redis_url: str, emulator: Any, store: Store
 ) -> None:
     grace = 1.0
     async with (
@@ -395,9 +395,9 @@ async def test_sigterm_while_a_job_is_running_exits_0_within_the_grace_period(
         emulator.configure(rate_limit_rate=1.0, retry_after_seconds=20.0)
         await until(lambda: emulator.stats()["faults_rate_limit"] >= 1, "a poll job is held up by a 429")
         code, seconds = await daemon.terminate()
-        batch_id = (await client.redis.zrange(client.keys.open_batches, 0, 0))[0].decode()
+        [batch_id] = await store.open_batch_ids()
         # The interrupted poll job is queued again, so the next start (or another replica) resumes it.
-        assert await client.redis.zscore(client.keys.arq_queue, f"poll:{batch_id}") is not None
+        assert await store.redis.zscore(K.arq_queue, f"poll:{batch_id}") is not None
     assert code == 0, daemon.stderr()
     assert any("still running" in r["msg"] for r in daemon.log_records()), daemon.stderr()
     # Grace, then cancel: well inside what a service manager allows past the grace period.

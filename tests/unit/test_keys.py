@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchd.keys import Keys, custom_id_for, split_custom_id
+from batchd.store import Keys, custom_id_for, split_custom_id
 from batchd.validation import MAX_REQUEST_ID_LEN
 
 _RID = st.text(alphabet="abcXYZ019_-", min_size=1, max_size=MAX_REQUEST_ID_LEN)

@@ -1,21 +1,37 @@
-"""The Lua scripts, one behaviour per test, on fakeredis (Lua 5.1 through lupa).
+"""The Lua scripts, one behaviour per test, through their typed callers (``Store.scripts``).
 
-The helpers below lay out KEYS/ARGV exactly as each script's header comment documents; a change of layout
-in a script must show up here as a failure, not as silently wrong data in production.
+Every test runs twice: on fakeredis (Lua 5.1 through lupa) and on a real redis-server, so a script that
+only works on one of them fails here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import fakeredis
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from batchd.keys import CONSUMER_GROUP, Keys, custom_id_for
-from batchd.scripts import SCRIPT_NAMES, Scripts, script_source
+from batchd.store import (
+    CancelOutcome,
+    DeliverOutcome,
+    DeliverReply,
+    Delivery,
+    EnqueueRefused,
+    FlushState,
+    IntakeEntry,
+    Keys,
+    NewRequest,
+    RequestState,
+    Store,
+    Trigger,
+    custom_id_for,
+)
+from batchd.store.scripts import SCRIPT_NAMES, script_source
+from tests.redis_server import RedisServer
 
 K = Keys()
 NOW = 1_700_000_000_000
@@ -37,60 +53,63 @@ SUCCEEDED = {"type": "succeeded", "message": {"id": "msg_1"}}
 EXPIRED = {"type": "expired"}
 
 
+@pytest.fixture(params=["fakeredis", "redis-server"])
+async def r(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
+    client: aioredis.Redis
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+        assert server.running
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
-def r(fake_redis: fakeredis.FakeRedis) -> fakeredis.FakeRedis:
+async def store(r: aioredis.Redis) -> Store:
     # The daemon creates the group before it reads; entries must be in its pending list to be acked.
-    fake_redis.xgroup_create(K.intake, CONSUMER_GROUP, id="0", mkstream=True)
-    return fake_redis
+    s = Store(r, K)
+    await s.intake.ensure_group()
+    return s
 
 
-@pytest.fixture
-def scripts(r: fakeredis.FakeRedis) -> Scripts:
-    return Scripts.register(r)
-
-
-# --- script calls, laid out as the .lua headers say ------------------------------------------------------
-def enqueue(
-    scripts: Scripts,
+# --- helpers: the typed callers, with defaults for the tests ---------------------------------------------
+async def enqueue(
+    store: Store,
     requests: list[tuple[str, bytes]],
     *,
     max_n: int = BIG,
     max_bytes: int = BIG,
     now: int = NOW,
-) -> list[int]:
-    keys = [K.intake, K.queue_stats]
-    args: list[Any] = [now, max_n, max_bytes]
-    for rid, body in requests:
-        keys += [K.request(rid), K.result(rid)]
-        args += [rid, custom_id_for(rid, 1), body]
-    return [int(x) for x in scripts.enqueue(keys=keys, args=args)]
-
-
-def read_entries(r: fakeredis.FakeRedis, consumer: str = "c1") -> list[tuple[str, str]]:
-    """(stream id, rid) of every new intake entry, read into the group's pending list like the daemon."""
-    reply = r.xreadgroup(CONSUMER_GROUP, consumer, {K.intake: ">"})
-    if not reply:
-        return []
-    return [(entry_id.decode(), fields[b"rid"].decode()) for entry_id, fields in reply[0][1]]
-
-
-def commit(scripts: Scripts, fid: str, entries: list[tuple[str, str]], now: int = NOW) -> list[int]:
-    keys = [K.intake, K.queue_stats, K.flush(fid), K.flush_rids(fid), K.flushes]
-    keys += [K.request(rid) for _, rid in entries]
-    args: list[Any] = [CONSUMER_GROUP, fid, now]
-    for entry_id, rid in entries:
-        args += [entry_id, rid]
-    return [int(x) for x in scripts.commit_flush(keys=keys, args=args)]
-
-
-def seal(scripts: Scripts, fid: str, trigger: str = "count", now: int = NOW + 5) -> int:
-    return int(
-        scripts.seal_flush(keys=[K.flush(fid), K.flushes, K.flush_rids(fid)], args=[fid, trigger, now])
+) -> list[bool] | EnqueueRefused:
+    return await store.scripts.enqueue(
+        [NewRequest(rid, body) for rid, body in requests], now_ms=now, max_requests=max_n, max_bytes=max_bytes
     )
 
 
-def deliver(
-    scripts: Scripts,
+async def read_entries(store: Store, consumer: str = "c1") -> list[IntakeEntry]:
+    """Every new intake entry, read into the group's pending list like the daemon."""
+    return await store.intake.read_new(consumer, count=10_000, block_ms=None)
+
+
+async def stream(r: aioredis.Redis) -> list[IntakeEntry]:
+    """The intake stream as it stands, without reading it as a consumer."""
+    return [e for i, f in await r.xrange(K.intake) if (e := IntakeEntry.from_stream(i, f)) is not None]
+
+
+async def commit(store: Store, fid: str, entries: list[IntakeEntry], now: int = NOW) -> tuple[int, int]:
+    return await store.scripts.commit_flush(fid, entries, now_ms=now)
+
+
+async def seal(store: Store, fid: str, trigger: Trigger = Trigger.COUNT, now: int = NOW + 5) -> int | None:
+    return await store.scripts.seal_flush(fid, trigger, now_ms=now)
+
+
+async def deliver(
+    store: Store,
     rid: str,
     attempt: int,
     line: bytes,
@@ -98,450 +117,467 @@ def deliver(
     retry: bool = False,
     max_attempts: int = 3,
     ttl: int = TTL,
-) -> list[int]:
-    reply = scripts.deliver(
-        keys=[K.request(rid), K.result(rid), K.intake, K.queue_stats],
-        args=[attempt, line, "1" if retry else "0", max_attempts, ttl, K.delivered_channel, rid],
+) -> DeliverReply:
+    [reply] = await store.scripts.deliver(
+        [Delivery(rid, attempt, line, retry)], max_attempts=max_attempts, ttl_seconds=ttl
     )
-    return [int(x) for x in reply]
+    return reply
 
 
-def cancel(scripts: Scripts, rid: str, ttl: int = TTL) -> int:
+async def cancel(store: Store, rid: str, ttl: int = TTL) -> CancelOutcome:
     line = orjson.dumps({"custom_id": rid, "result": {"type": "canceled"}})
-    return int(
-        scripts.cancel(
-            keys=[K.request(rid), K.result(rid), K.queue_stats], args=[line, ttl, K.delivered_channel, rid]
-        )
-    )
+    return await store.scripts.cancel(rid, line=line, ttl_seconds=ttl)
 
 
-def stats(r: fakeredis.FakeRedis) -> tuple[int, int]:
-    n, size = r.hmget(K.queue_stats, "n", "bytes")
-    return int(n or 0), int(size or 0)
+async def stats(store: Store) -> tuple[int, int]:
+    snap = await store.snapshot(dead_after_ms=10_000)
+    return snap.pending_requests, snap.pending_bytes
 
 
-def req(r: fakeredis.FakeRedis, rid: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in r.hgetall(K.request(rid)).items()}
-
-
-def snapshot(r: fakeredis.FakeRedis) -> dict[bytes, Any]:
-    """Every key with its value: compare two snapshots to prove a call wrote nothing."""
+async def dump(r: aioredis.Redis) -> dict[bytes, Any]:
+    """Every key with its value: compare two dumps to prove a call wrote nothing."""
     out: dict[bytes, Any] = {}
-    for key in r.keys("*"):
-        kind = r.type(key)
+    for key in await r.keys("*"):
+        kind = await r.type(key)
         if kind == b"hash":
-            out[key] = r.hgetall(key)
+            out[key] = await r.hgetall(key)
         elif kind == b"string":
-            out[key] = r.get(key)
+            out[key] = await r.get(key)
         elif kind == b"stream":
-            out[key] = r.xrange(key)
+            out[key] = [(i, f) for i, f in await r.xrange(key)]
         elif kind == b"list":
-            out[key] = r.lrange(key, 0, -1)
+            out[key] = await r.lrange(key, 0, -1)
         elif kind == b"zset":
-            out[key] = r.zrange(key, 0, -1, withscores=True)
+            out[key] = await r.zrange(key, 0, -1, withscores=True)
         else:
             out[key] = kind
     return out
 
 
-def queue_and_flush(r: fakeredis.FakeRedis, scripts: Scripts, *rids: str, fid: str = "f1") -> None:
+async def queue_and_flush(store: Store, *rids: str, fid: str = "f1") -> None:
     """Bring requests to where the daemon delivers them: enqueued, read, committed into a sealed flush."""
-    enqueue(scripts, [(rid, params(rid)) for rid in rids])
-    entries = read_entries(r)
-    assert {rid for _, rid in entries} >= set(rids)
-    commit(scripts, fid, entries)
-    seal(scripts, fid)
+    await enqueue(store, [(rid, params(rid)) for rid in rids])
+    entries = await read_entries(store)
+    assert {e.rid for e in entries} >= set(rids)
+    await commit(store, fid, entries)
+    await seal(store, fid)
 
 
 class Published:
     """Request ids published on the delivered channel (what wakes the waiters)."""
 
-    def __init__(self, r: fakeredis.FakeRedis) -> None:
-        # Not ignore_subscribe_messages: that makes get_message() return None for the subscribe reply,
-        # which would end a drain before the real messages behind it.
+    def __init__(self, r: aioredis.Redis) -> None:
         self._pubsub = r.pubsub()
-        self._pubsub.subscribe(K.delivered_channel)
 
-    def drain(self) -> list[str]:
-        """Everything published since the last drain (fakeredis delivers synchronously)."""
+    async def start(self) -> Published:
+        await self._pubsub.subscribe(K.delivered_channel)
+        return self
+
+    async def drain(self) -> list[str]:
         out: list[str] = []
-        while (message := self._pubsub.get_message(timeout=0.01)) is not None:
+        while (message := await self._pubsub.get_message(timeout=0.05)) is not None:
             if message["type"] == "message":
                 out.append(message["data"].decode())
         return out
 
-    def close(self) -> None:
-        self._pubsub.close()
+    async def close(self) -> None:
+        await self._pubsub.aclose()
 
 
 @pytest.fixture
-def published(r: fakeredis.FakeRedis) -> Iterator[Published]:
-    collector = Published(r)
+async def published(r: aioredis.Redis) -> AsyncIterator[Published]:
+    collector = await Published(r).start()
+    await collector.drain()  # the subscribe confirmation
     yield collector
-    collector.close()
+    await collector.close()
 
 
 # --- the scripts load ------------------------------------------------------------------------------------
-def test_every_script_has_a_source_and_registers(fake_redis: fakeredis.FakeRedis) -> None:
-    scripts = Scripts.register(fake_redis)
+def test_every_script_has_a_source() -> None:
     for name in SCRIPT_NAMES:
         assert script_source(name).strip()
-        assert getattr(scripts, name) is not None
 
 
 # --- enqueue ---------------------------------------------------------------------------------------------
-def test_enqueue_new_request_writes_hash_stream_entry_and_stats(
-    r: fakeredis.FakeRedis, scripts: Scripts
-) -> None:
+async def test_enqueue_new_request_writes_record_stream_entry_and_stats(store: Store) -> None:
     body = params()
-    assert enqueue(scripts, [("a", body)]) == [1]
+    assert await enqueue(store, [("a", body)]) == [True]
 
-    assert req(r, "a") == {
-        "body": body.decode(),
-        "n": str(len(body)),
-        "state": "queued",
-        "attempts": "1",
-        "enq": str(NOW),
-    }
-    entries = r.xrange(K.intake)
-    assert len(entries) == 1
-    assert entries[0][1] == {b"rid": b"a", b"cid": b"a-1", b"n": str(len(body)).encode()}
-    assert stats(r) == (1, len(body))
-
-
-def test_enqueue_duplicate_id_returns_0_and_changes_nothing(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    enqueue(scripts, [("a", params("first"))])
-    before = snapshot(r)
-
-    assert enqueue(scripts, [("a", params("second, different body"))], now=NOW + 1) == [0]
-    assert snapshot(r) == before
+    record = await store.request("a")
+    assert record is not None
+    assert (record.state, record.attempts, record.enqueued_ms, record.params_bytes, record.fid) == (
+        RequestState.QUEUED,
+        1,
+        NOW,
+        len(body),
+        None,
+    )
+    [entry] = await stream(store.redis)
+    assert (entry.rid, entry.custom_id, entry.params_bytes) == ("a", "a-1", len(body))
+    assert await stats(store) == (1, len(body))
 
 
-def test_enqueue_id_whose_result_exists_is_a_duplicate(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
+async def test_enqueue_duplicate_id_returns_false_and_changes_nothing(store: Store) -> None:
+    await enqueue(store, [("a", params("first"))])
+    before = await dump(store.redis)
+
+    assert await enqueue(store, [("a", params("second, different body"))], now=NOW + 1) == [False]
+    assert await dump(store.redis) == before
+
+
+async def test_enqueue_id_whose_result_exists_is_a_duplicate(store: Store) -> None:
     # The request hash may expire before the result does; the id is still taken.
-    r.set(K.result("a"), b"{}")
-    assert enqueue(scripts, [("a", params())]) == [0]
-    assert not r.exists(K.request("a"))
-    assert r.xlen(K.intake) == 0
+    await store.redis.set(K.result("a"), b"{}")
+    assert await enqueue(store, [("a", params())]) == [False]
+    assert await store.request("a") is None
+    assert await stream(store.redis) == []
 
 
-def test_enqueue_duplicate_within_one_call_keeps_the_first(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
+async def test_enqueue_duplicate_within_one_call_keeps_the_first(store: Store) -> None:
     first, second = params("first"), params("second")
-    assert enqueue(scripts, [("a", first), ("b", params()), ("a", second)]) == [1, 1, 0]
+    assert await enqueue(store, [("a", first), ("b", params()), ("a", second)]) == [True, True, False]
 
-    assert req(r, "a")["body"] == first.decode()
-    assert [f[b"rid"] for _, f in r.xrange(K.intake)] == [b"a", b"b"]
-    assert stats(r) == (2, len(first) + len(params()))
+    assert [e.rid for e in await stream(store.redis)] == ["a", "b"]
+    assert await stats(store) == (2, len(first) + len(params()))
+    await commit(store, "f1", await read_entries(store))
+    assert [i.body for i in await store.flush_items("f1") if i.rid == "a"] == [first]
 
 
 @pytest.mark.parametrize("cap", ["count", "bytes"])
-def test_enqueue_over_a_cap_refuses_with_minus_1_and_writes_nothing(
-    r: fakeredis.FakeRedis, scripts: Scripts, cap: str
-) -> None:
+async def test_enqueue_over_a_cap_is_refused_and_writes_nothing(store: Store, cap: str) -> None:
     body = params()
-    enqueue(scripts, [("a", body), ("b", body)])
-    before = snapshot(r)
+    await enqueue(store, [("a", body), ("b", body)])
+    before = await dump(store.redis)
     limits = {"max_n": 3} if cap == "count" else {"max_bytes": 3 * len(body)}
 
     # Two more would pass the cap: the whole call is refused, not just the request that overflows.
-    assert enqueue(scripts, [("c", body), ("d", body)], **limits) == [-1, 2, 2 * len(body)]
-    assert snapshot(r) == before
+    assert await enqueue(store, [("c", body), ("d", body)], **limits) == EnqueueRefused(2, 2 * len(body))
+    assert await dump(store.redis) == before
 
     # Exactly up to the cap is allowed.
-    assert enqueue(scripts, [("c", body)], **limits) == [1]
-    assert stats(r) == (3, 3 * len(body))
+    assert await enqueue(store, [("c", body)], **limits) == [True]
+    assert await stats(store) == (3, 3 * len(body))
 
 
-def test_enqueue_duplicate_is_not_refused_by_a_full_queue(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
+async def test_enqueue_duplicate_is_not_refused_by_a_full_queue(store: Store) -> None:
     # A retried submit of an already-queued id must stay idempotent even at the cap.
-    enqueue(scripts, [("a", params())], max_n=1)
-    assert enqueue(scripts, [("a", params())], max_n=1) == [0]
+    await enqueue(store, [("a", params())], max_n=1)
+    assert await enqueue(store, [("a", params())], max_n=1) == [False]
 
 
 # --- commit_flush ----------------------------------------------------------------------------------------
-def test_commit_flush_moves_queued_requests_and_acks_their_entries(
-    r: fakeredis.FakeRedis, scripts: Scripts
-) -> None:
+async def test_commit_flush_moves_queued_requests_and_acks_their_entries(store: Store) -> None:
     bodies = {rid: params(rid * 3) for rid in ("a", "b", "c")}
-    enqueue(scripts, list(bodies.items()))
-    entries = read_entries(r)
+    await enqueue(store, list(bodies.items()))
+    entries = await read_entries(store)
     total = sum(len(b) for b in bodies.values())
 
-    assert commit(scripts, "f1", entries) == [3, total]
+    assert await commit(store, "f1", entries) == (3, total)
 
-    flush = {k.decode(): v.decode() for k, v in r.hgetall(K.flush("f1")).items()}
-    assert flush == {"state": "building", "created": str(NOW), "n": "3", "bytes": str(total)}
-    assert r.lrange(K.flush_rids("f1"), 0, -1) == [b"a", b"b", b"c"]
-    assert r.zscore(K.flushes, "f1") == NOW
+    flush = await store.flush("f1")
+    assert flush is not None
+    assert (flush.state, flush.created_ms, flush.requests, flush.params_bytes) == (
+        FlushState.BUILDING,
+        NOW,
+        3,
+        total,
+    )
+    assert await store.flush_rids("f1") == ["a", "b", "c"]
+    assert [(fid, created) for fid, _, created in await store.pending_flushes()] == [("f1", NOW)]
     for rid in bodies:
-        assert req(r, rid)["state"] == "flushed"
-        assert req(r, rid)["fid"] == "f1"
+        record = await store.request(rid)
+        assert record is not None and (record.state, record.fid) == (RequestState.FLUSHED, "f1")
     # Acked and deleted: nothing pending, nothing left in the stream.
-    assert r.xlen(K.intake) == 0
-    assert r.xpending(K.intake, CONSUMER_GROUP)["pending"] == 0
-    assert stats(r) == (0, 0)
+    assert await stream(store.redis) == []
+    assert await store.intake.group_pending() == 0
+    assert await stats(store) == (0, 0)
 
 
-def test_commit_flush_chunks_accumulate(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
+async def test_commit_flush_chunks_accumulate(store: Store) -> None:
     body = params()
-    enqueue(scripts, [(f"r{i}", body) for i in range(5)])
-    entries = read_entries(r)
+    await enqueue(store, [(f"r{i}", body) for i in range(5)])
+    entries = await read_entries(store)
 
-    assert commit(scripts, "f1", entries[:2]) == [2, 2 * len(body)]
-    assert commit(scripts, "f1", entries[2:]) == [3, 3 * len(body)]
+    assert await commit(store, "f1", entries[:2]) == (2, 2 * len(body))
+    assert await commit(store, "f1", entries[2:]) == (3, 3 * len(body))
 
-    assert r.hget(K.flush("f1"), "n") == b"5"
-    assert r.hget(K.flush("f1"), "bytes") == str(5 * len(body)).encode()
-    assert r.lrange(K.flush_rids("f1"), 0, -1) == [f"r{i}".encode() for i in range(5)]
+    flush = await store.flush("f1")
+    assert flush is not None and (flush.requests, flush.params_bytes) == (5, 5 * len(body))
+    assert await store.flush_rids("f1") == [f"r{i}" for i in range(5)]
 
 
-def test_commit_flush_skips_canceled_requests_but_acks_them(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
+async def test_commit_flush_skips_canceled_requests_but_acks_them(store: Store) -> None:
     body = params()
-    enqueue(scripts, [("a", body), ("b", body)])
-    entries = read_entries(r)
-    assert cancel(scripts, "a") == 1
+    await enqueue(store, [("a", body), ("b", body)])
+    entries = await read_entries(store)
+    assert await cancel(store, "a") is CancelOutcome.REMOVED
 
-    assert commit(scripts, "f1", entries) == [1, len(body)]
+    assert await commit(store, "f1", entries) == (1, len(body))
 
-    assert r.lrange(K.flush_rids("f1"), 0, -1) == [b"b"]
-    assert req(r, "a")["state"] == "done"
-    assert r.xlen(K.intake) == 0
-    assert r.xpending(K.intake, CONSUMER_GROUP)["pending"] == 0
+    assert await store.flush_rids("f1") == ["b"]
+    record = await store.request("a")
+    assert record is not None and record.state is RequestState.DONE
+    assert await stream(store.redis) == []
+    assert await store.intake.group_pending() == 0
     # cancel already took "a" off the stats; commit must not take it off twice.
-    assert stats(r) == (0, 0)
+    assert await stats(store) == (0, 0)
 
 
-def test_commit_flush_moves_a_request_only_once(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
+async def test_commit_flush_moves_a_request_only_once(store: Store) -> None:
     # The same entry handed to two flushes (a re-read after a crash, or a claim by another replica).
-    enqueue(scripts, [("a", params())])
-    entries = read_entries(r)
-    commit(scripts, "f1", entries)
+    await enqueue(store, [("a", params())])
+    entries = await read_entries(store)
+    await commit(store, "f1", entries)
 
-    assert commit(scripts, "f2", entries) == [0, 0]
+    assert await commit(store, "f2", entries) == (0, 0)
 
-    assert req(r, "a")["fid"] == "f1"
-    assert r.lrange(K.flush_rids("f2"), 0, -1) == []
-    assert stats(r) == (0, 0)
+    record = await store.request("a")
+    assert record is not None and record.fid == "f1"
+    assert await store.flush_rids("f2") == []
+    assert await stats(store) == (0, 0)
 
 
-def test_commit_flush_refuses_a_flush_that_is_not_building(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    enqueue(scripts, [("a", params())])
-    commit(scripts, "f1", read_entries(r))
-    seal(scripts, "f1")
-    enqueue(scripts, [("b", params())])
-    entries = read_entries(r)
+async def test_commit_flush_refuses_a_flush_that_is_not_building(store: Store) -> None:
+    await enqueue(store, [("a", params())])
+    await commit(store, "f1", await read_entries(store))
+    await seal(store, "f1")
+    await enqueue(store, [("b", params())])
+    entries = await read_entries(store)
 
     with pytest.raises(ResponseError, match="not building"):
-        commit(scripts, "f1", entries)
+        await commit(store, "f1", entries)
 
-    assert req(r, "b")["state"] == "queued"
-    assert r.xlen(K.intake) == 1
-    assert r.lrange(K.flush_rids("f1"), 0, -1) == [b"a"]
+    record = await store.request("b")
+    assert record is not None and record.state is RequestState.QUEUED
+    assert len(await stream(store.redis)) == 1
+    assert await store.flush_rids("f1") == ["a"]
 
 
 # --- seal_flush ------------------------------------------------------------------------------------------
-def test_seal_flush_seals_and_returns_its_count(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    enqueue(scripts, [("a", params()), ("b", params())])
-    commit(scripts, "f1", read_entries(r))
+async def test_seal_flush_seals_and_returns_its_count(store: Store) -> None:
+    await enqueue(store, [("a", params()), ("b", params())])
+    await commit(store, "f1", await read_entries(store))
 
-    assert seal(scripts, "f1", trigger="age", now=NOW + 7) == 2
+    assert await seal(store, "f1", trigger=Trigger.AGE, now=NOW + 7) == 2
 
-    flush = r.hgetall(K.flush("f1"))
-    assert flush[b"state"] == b"sealed"
-    assert flush[b"trigger"] == b"age"
-    assert flush[b"sealed"] == str(NOW + 7).encode()
-    assert r.zscore(K.flushes, "f1") == NOW
+    flush = await store.flush("f1")
+    assert flush is not None and (flush.state, flush.trigger) == (FlushState.SEALED, Trigger.AGE)
+    assert [(fid, created) for fid, _, created in await store.pending_flushes()] == [("f1", NOW)]
     # Sealed is final: a second seal is refused.
-    assert seal(scripts, "f1") == -1
+    assert await seal(store, "f1") is None
 
 
-def test_seal_flush_removes_an_empty_flush(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
+async def test_seal_flush_removes_an_empty_flush(store: Store) -> None:
     # Every request of the chunk was canceled: the flush exists but holds nothing.
-    enqueue(scripts, [("a", params())])
-    entries = read_entries(r)
-    cancel(scripts, "a")
-    assert commit(scripts, "f1", entries) == [0, 0]
-    assert r.exists(K.flush("f1"))
+    await enqueue(store, [("a", params())])
+    entries = await read_entries(store)
+    await cancel(store, "a")
+    assert await commit(store, "f1", entries) == (0, 0)
+    assert await store.flush("f1") is not None
 
-    assert seal(scripts, "f1") == 0
+    assert await seal(store, "f1") == 0
 
-    assert not r.exists(K.flush("f1"))
-    assert not r.exists(K.flush_rids("f1"))
-    assert r.zscore(K.flushes, "f1") is None
+    assert await store.flush("f1") is None
+    assert await store.flush_rids("f1") == []
+    assert await store.pending_flushes() == []
 
 
-def test_seal_flush_of_an_unknown_flush_returns_minus_1(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    assert seal(scripts, "nope") == -1
-    assert not r.exists(K.flush("nope"))
+async def test_seal_flush_of_an_unknown_flush_returns_none(store: Store) -> None:
+    assert await seal(store, "nope") is None
+    assert await store.flush("nope") is None
 
 
 # --- deliver ---------------------------------------------------------------------------------------------
-def test_deliver_sets_the_result_once_with_ttl(
-    r: fakeredis.FakeRedis, scripts: Scripts, published: Published
-) -> None:
-    queue_and_flush(r, scripts, "a")
+async def test_deliver_sets_the_result_once_with_ttl(store: Store, published: Published) -> None:
+    await queue_and_flush(store, "a")
     line = line_for("a", 1, SUCCEEDED)
 
-    assert deliver(scripts, "a", 1, line, ttl=TTL) == [1, NOW, 1]
+    assert await deliver(store, "a", 1, line, ttl=TTL) == DeliverReply(DeliverOutcome.DELIVERED, NOW, 1)
 
-    assert r.get(K.result("a")) == line
-    assert 0 < r.ttl(K.result("a")) <= TTL
-    state = req(r, "a")
-    assert state["state"] == "done"
-    # The body is dropped once answered (it can be 256 MB of batch); the hash lingers with the TTL only.
-    assert "body" not in state
-    assert 0 < r.ttl(K.request("a")) <= TTL
-    assert published.drain() == ["a"]
+    assert await store.result_line("a") == (line, True)
+    assert 0 < await store.redis.ttl(K.result("a")) <= TTL
+    record = await store.request("a")
+    assert record is not None and record.state is RequestState.DONE
+    # The params are dropped once answered (they can be 256 MB of batch); the record lingers with the TTL.
+    assert await store.flush_items("f1") == []
+    assert 0 < await store.redis.ttl(K.request("a")) <= TTL
+    assert await published.drain() == ["a"]
 
 
-def test_deliver_twice_is_a_duplicate_and_keeps_the_first_line(
-    r: fakeredis.FakeRedis, scripts: Scripts, published: Published
+async def test_deliver_twice_is_a_duplicate_and_keeps_the_first_line(
+    store: Store, published: Published
 ) -> None:
-    queue_and_flush(r, scripts, "a")
+    await queue_and_flush(store, "a")
     first = line_for("a", 1, SUCCEEDED)
-    deliver(scripts, "a", 1, first)
-    published.drain()
+    await deliver(store, "a", 1, first)
+    await published.drain()
 
-    assert deliver(scripts, "a", 1, line_for("a", 1, EXPIRED))[0] == 0
+    assert (await deliver(store, "a", 1, line_for("a", 1, EXPIRED))).outcome is DeliverOutcome.DUPLICATE
 
-    assert r.get(K.result("a")) == first
-    assert published.drain() == []
+    assert await store.result_line("a") == (first, True)
+    assert await published.drain() == []
 
 
-def test_deliver_result_key_is_set_nx(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
+async def test_deliver_result_key_is_set_nx(store: Store) -> None:
     # A result that already exists (e.g. written by a cancel racing the fan-out) is never overwritten.
-    queue_and_flush(r, scripts, "a")
-    r.set(K.result("a"), b"earlier")
-    assert deliver(scripts, "a", 1, line_for("a", 1, SUCCEEDED))[0] == 0
-    assert r.get(K.result("a")) == b"earlier"
+    await queue_and_flush(store, "a")
+    await store.redis.set(K.result("a"), b"earlier")
+    assert (await deliver(store, "a", 1, line_for("a", 1, SUCCEEDED))).outcome is DeliverOutcome.DUPLICATE
+    assert await store.result_line("a") == (b"earlier", True)
 
 
-def test_deliver_for_another_attempt_is_stale(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    queue_and_flush(r, scripts, "a")
-    before = snapshot(r)
+async def test_deliver_for_another_attempt_is_stale(store: Store) -> None:
+    await queue_and_flush(store, "a")
+    before = await dump(store.redis)
 
-    assert deliver(scripts, "a", 2, line_for("a", 2, SUCCEEDED))[0] == -1
-    assert deliver(scripts, "a", 0, line_for("a", 0, SUCCEEDED))[0] == -1
-    assert snapshot(r) == before
-
-
-def test_deliver_to_a_queued_or_unknown_request_is_stale(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    enqueue(scripts, [("a", params())])
-    before = snapshot(r)
-
-    assert deliver(scripts, "a", 1, line_for("a", 1, SUCCEEDED))[0] == -1
-    assert deliver(scripts, "ghost", 1, line_for("ghost", 1, SUCCEEDED))[0] == -1
-    assert snapshot(r) == before
+    assert (await deliver(store, "a", 2, line_for("a", 2, SUCCEEDED))).outcome is DeliverOutcome.STALE
+    assert (await deliver(store, "a", 0, line_for("a", 0, SUCCEEDED))).outcome is DeliverOutcome.STALE
+    assert await dump(store.redis) == before
 
 
-def test_deliver_retryable_requeues_with_next_attempt(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    queue_and_flush(r, scripts, "a")
-    body_len = len(params("a"))
+async def test_deliver_to_a_queued_or_unknown_request_is_stale(store: Store) -> None:
+    await enqueue(store, [("a", params())])
+    before = await dump(store.redis)
 
-    assert deliver(scripts, "a", 1, line_for("a", 1, EXPIRED), retry=True) == [2, NOW, 2]
-
-    state = req(r, "a")
-    assert state["state"] == "queued"
-    assert state["attempts"] == "2"
-    assert "fid" not in state
-    assert state["body"] == params("a").decode()  # kept: the next batch needs it
-    entries = r.xrange(K.intake)
-    assert len(entries) == 1
-    assert entries[0][1] == {b"rid": b"a", b"cid": b"a-2", b"n": str(body_len).encode()}
-    assert stats(r) == (1, body_len)
-    assert r.get(K.result("a")) is None
+    assert (await deliver(store, "a", 1, line_for("a", 1, SUCCEEDED))).outcome is DeliverOutcome.STALE
+    assert (await deliver(store, "ghost", 1, line_for("ghost", 1, SUCCEEDED))).outcome is DeliverOutcome.STALE
+    assert await dump(store.redis) == before
 
 
-def test_deliver_retries_up_to_max_attempts_then_delivers(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    queue_and_flush(r, scripts, "a", fid="f1")
+async def test_deliver_retryable_requeues_with_next_attempt(store: Store) -> None:
+    await queue_and_flush(store, "a")
+    body = params("a")
+
+    reply = await deliver(store, "a", 1, line_for("a", 1, EXPIRED), retry=True)
+    assert reply == DeliverReply(DeliverOutcome.REQUEUED, NOW, 2)
+
+    record = await store.request("a")
+    assert record is not None
+    assert (record.state, record.attempts, record.fid) == (RequestState.QUEUED, 2, None)
+    [entry] = await stream(store.redis)
+    assert (entry.rid, entry.custom_id, entry.params_bytes) == ("a", "a-2", len(body))
+    assert await stats(store) == (1, len(body))
+    assert await store.result_line("a") == (None, True)
+    # The params are kept: the next batch needs them.
+    await commit(store, "f2", await read_entries(store))
+    assert [i.body for i in await store.flush_items("f2")] == [body]
+
+
+async def test_deliver_retries_up_to_max_attempts_then_delivers(store: Store) -> None:
+    await queue_and_flush(store, "a", fid="f1")
     expired = {n: line_for("a", n, EXPIRED) for n in (1, 2, 3)}
 
-    assert deliver(scripts, "a", 1, expired[1], retry=True, max_attempts=3)[0] == 2
-    commit(scripts, "f2", read_entries(r))
-    assert deliver(scripts, "a", 2, expired[2], retry=True, max_attempts=3)[0] == 2
-    assert [fields[b"cid"] for _, fields in r.xrange(K.intake)] == [b"a-3"]
-    commit(scripts, "f3", read_entries(r))
+    assert (await deliver(store, "a", 1, expired[1], retry=True)).outcome is DeliverOutcome.REQUEUED
+    await commit(store, "f2", await read_entries(store))
+    assert (await deliver(store, "a", 2, expired[2], retry=True)).outcome is DeliverOutcome.REQUEUED
+    assert [e.custom_id for e in await stream(store.redis)] == ["a-3"]
+    await commit(store, "f3", await read_entries(store))
 
     # The last attempt: the transient result goes to the caller instead of back to intake.
-    assert deliver(scripts, "a", 3, expired[3], retry=True, max_attempts=3) == [1, NOW, 3]
-    assert r.get(K.result("a")) == expired[3]
-    assert r.xlen(K.intake) == 0
-    assert stats(r) == (0, 0)
+    assert await deliver(store, "a", 3, expired[3], retry=True, max_attempts=3) == DeliverReply(
+        DeliverOutcome.DELIVERED, NOW, 3
+    )
+    assert await store.result_line("a") == (expired[3], True)
+    assert await stream(store.redis) == []
+    assert await stats(store) == (0, 0)
 
 
-def test_deliver_does_not_requeue_a_canceled_request(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    queue_and_flush(r, scripts, "a")
-    assert cancel(scripts, "a") == 2
-    canceled = r.get(K.result("a"))
+async def test_deliver_does_not_requeue_a_canceled_request(store: Store) -> None:
+    await queue_and_flush(store, "a")
+    assert await cancel(store, "a") is CancelOutcome.ANSWERED
+    canceled, _ = await store.result_line("a")
 
-    assert deliver(scripts, "a", 1, line_for("a", 1, EXPIRED), retry=True)[0] == 0
+    assert (await deliver(store, "a", 1, line_for("a", 1, EXPIRED), retry=True)).outcome is (
+        DeliverOutcome.DUPLICATE
+    )
 
-    assert r.xlen(K.intake) == 0
-    assert req(r, "a")["state"] == "done"
-    assert r.get(K.result("a")) == canceled
+    assert await stream(store.redis) == []
+    record = await store.request("a")
+    assert record is not None and record.state is RequestState.DONE
+    assert await store.result_line("a") == (canceled, True)
 
 
-def test_deliver_does_not_requeue_when_cancel_flag_set_on_a_flushed_request(
-    r: fakeredis.FakeRedis, scripts: Scripts
-) -> None:
+async def test_deliver_does_not_requeue_when_cancel_flag_set_on_a_flushed_request(store: Store) -> None:
     # Defence in depth: a request flagged canceled that is somehow not 'done' is answered, not retried.
-    queue_and_flush(r, scripts, "a")
-    r.hset(K.request("a"), "cancel", 1)
+    # (No script leaves this state, so the test writes the flag itself: the field is cancel.lua's.)
+    await queue_and_flush(store, "a")
+    await store.redis.hset(K.request("a"), "cancel", 1)
     line = line_for("a", 1, EXPIRED)
 
-    assert deliver(scripts, "a", 1, line, retry=True)[0] == 1
+    assert (await deliver(store, "a", 1, line, retry=True)).outcome is DeliverOutcome.DELIVERED
 
-    assert r.get(K.result("a")) == line
-    assert r.xlen(K.intake) == 0
+    assert await store.result_line("a") == (line, True)
+    assert await stream(store.redis) == []
 
 
 # --- cancel ----------------------------------------------------------------------------------------------
-def test_cancel_queued_returns_1_and_takes_it_off_the_stats(
-    r: fakeredis.FakeRedis, scripts: Scripts, published: Published
+async def test_cancel_queued_removes_it_and_takes_it_off_the_stats(
+    store: Store, published: Published
 ) -> None:
     body = params()
-    enqueue(scripts, [("a", body), ("b", body)])
+    await enqueue(store, [("a", body), ("b", body)])
 
-    assert cancel(scripts, "a", ttl=TTL) == 1
+    assert await cancel(store, "a", ttl=TTL) is CancelOutcome.REMOVED
 
-    assert stats(r) == (1, len(body))
-    state = req(r, "a")
-    assert state["state"] == "done"
-    assert state["cancel"] == "1"
-    assert "body" not in state
-    assert orjson.loads(r.get(K.result("a")))["result"] == {"type": "canceled"}
-    assert 0 < r.ttl(K.result("a")) <= TTL
-    assert 0 < r.ttl(K.request("a")) <= TTL
-    assert published.drain() == ["a"]
-
-
-def test_cancel_flushed_returns_2_and_answers_canceled(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    queue_and_flush(r, scripts, "a")
-
-    assert cancel(scripts, "a") == 2
-
-    assert stats(r) == (0, 0)  # not double-decremented: commit already took it off
-    assert req(r, "a")["state"] == "done"
-    assert orjson.loads(r.get(K.result("a")))["result"]["type"] == "canceled"
+    assert await stats(store) == (1, len(body))
+    record = await store.request("a")
+    assert record is not None and (record.state, record.canceled) == (RequestState.DONE, True)
+    line, _ = await store.result_line("a")
+    assert line is not None and orjson.loads(line)["result"] == {"type": "canceled"}
+    assert 0 < await store.redis.ttl(K.result("a")) <= TTL
+    assert 0 < await store.redis.ttl(K.request("a")) <= TTL
+    assert await published.drain() == ["a"]
+    # Its params are gone: if its stream entry is flushed later, nothing is sent.
+    await commit(store, "f1", await read_entries(store))
+    assert [i.rid for i in await store.flush_items("f1")] == ["b"]
 
 
-def test_cancel_done_returns_0_and_keeps_the_answer(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    queue_and_flush(r, scripts, "a")
-    line = line_for("a", 1, SUCCEEDED)
-    deliver(scripts, "a", 1, line)
-    before = snapshot(r)
+async def test_cancel_flushed_answers_canceled(store: Store) -> None:
+    await queue_and_flush(store, "a")
 
-    assert cancel(scripts, "a") == 0
-    assert snapshot(r) == before
+    assert await cancel(store, "a") is CancelOutcome.ANSWERED
 
-
-def test_cancel_with_only_the_result_left_returns_0(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    r.set(K.result("a"), b"line")
-    assert cancel(scripts, "a") == 0
-    assert r.get(K.result("a")) == b"line"
+    assert await stats(store) == (0, 0)  # not double-decremented: commit already took it off
+    record = await store.request("a")
+    assert record is not None and record.state is RequestState.DONE
+    line, _ = await store.result_line("a")
+    assert line is not None and orjson.loads(line)["result"]["type"] == "canceled"
 
 
-def test_cancel_unknown_returns_minus_1_and_writes_nothing(r: fakeredis.FakeRedis, scripts: Scripts) -> None:
-    before = snapshot(r)
-    assert cancel(scripts, "ghost") == -1
-    assert snapshot(r) == before
+async def test_cancel_done_keeps_the_answer(store: Store) -> None:
+    await queue_and_flush(store, "a")
+    await deliver(store, "a", 1, line_for("a", 1, SUCCEEDED))
+    before = await dump(store.redis)
+
+    assert await cancel(store, "a") is CancelOutcome.ALREADY_ANSWERED
+    assert await dump(store.redis) == before
+
+
+async def test_cancel_with_only_the_result_left_is_already_answered(store: Store) -> None:
+    await store.redis.set(K.result("a"), b"line")
+    assert await cancel(store, "a") is CancelOutcome.ALREADY_ANSWERED
+    assert await store.result_line("a") == (b"line", True)
+
+
+async def test_cancel_unknown_writes_nothing(store: Store) -> None:
+    before = await dump(store.redis)
+    assert await cancel(store, "ghost") is CancelOutcome.UNKNOWN
+    assert await dump(store.redis) == before
+
+
+# --- lease and release_lock ------------------------------------------------------------------------------
+async def test_lease_is_held_by_one_holder_until_it_lapses(store: Store) -> None:
+    key = K.metrics_leader
+    assert await store.scripts.lease(key, "a", ms=60_000)
+    assert await store.scripts.lease(key, "a", ms=60_000)  # renewed by its holder
+    assert not await store.scripts.lease(key, "b", ms=60_000)
+    await store.redis.delete(key)  # as if it had lapsed
+    assert await store.scripts.lease(key, "b", ms=60_000)
+
+
+async def test_release_lock_only_by_its_holder(store: Store) -> None:
+    assert await store.take_create_lock("f1", ms=60_000)
+    assert not await store.take_create_lock("f2", ms=60_000)
+    assert not await store.release_create_lock("f2")
+    assert await store.release_create_lock("f1")
+    assert await store.take_create_lock("f2", ms=60_000)

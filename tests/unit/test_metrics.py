@@ -16,7 +16,6 @@ from batchd.httpserver import Site
 from batchd.metrics import (
     API_ERROR_KINDS,
     REGISTRY,
-    QueueSnapshot,
     classify_api_error,
     model_label,
     queue_gauges,
@@ -24,6 +23,8 @@ from batchd.metrics import (
     retry_reason,
 )
 from batchd.ops import start_ops_server
+from batchd.store import QueueSnapshot
+from batchd.version import __version__
 
 QUEUE_FAMILIES = (
     "batchd_intake_pending_requests",
@@ -158,14 +159,28 @@ def test_record_usage_unknown_model_counts_tokens_only() -> None:
 # --- queue gauges -------------------------------------------------------------------------------------------
 
 
+def snapshot(
+    *, pending_requests: int, pending_bytes: int, oldest_age_seconds: float, open_batches: int, alive: int
+) -> QueueSnapshot:
+    return QueueSnapshot(
+        at_ms=0,
+        pending_requests=pending_requests,
+        pending_bytes=pending_bytes,
+        oldest_age_seconds=oldest_age_seconds,
+        read_not_flushed=0,
+        flushes_waiting=0,
+        open_batches=open_batches,
+        replicas={f"r{i}": 0 for i in range(alive)},
+        alive_replicas=alive,
+    )
+
+
 def test_queue_gauges_only_when_set() -> None:
     text = exposition()
     for family in QUEUE_FAMILIES:
         assert family not in text  # a non-leader exports nothing, not even HELP/TYPE
     queue_gauges.update(
-        QueueSnapshot(
-            pending_requests=812, pending_bytes=4096, oldest_age_seconds=2.5, open_batches=3, replicas=2
-        )
+        snapshot(pending_requests=812, pending_bytes=4096, oldest_age_seconds=2.5, open_batches=3, alive=2)
     )
     assert value("batchd_intake_pending_requests") == 812
     assert value("batchd_intake_pending_bytes") == 4096
@@ -183,7 +198,7 @@ def test_bounded_series_exist_before_first_event() -> None:
     assert (
         REGISTRY.get_sample_value("batchd_api_errors_total", {"op": "cancel", "kind": "timeout"}) is not None
     )
-    assert REGISTRY.get_sample_value("batchd_build_info", {"version": metrics._version()}) == 1
+    assert REGISTRY.get_sample_value("batchd_build_info", {"version": __version__}) == 1
 
 
 # --- HTTP and promtool --------------------------------------------------------------------------------------
@@ -199,7 +214,9 @@ def exercise_everything() -> None:
     record_usage("claude-sonnet-4-6", {"input_tokens": 10, "output_tokens": 20, "cache_read_input_tokens": 5})
     metrics.API_REQUESTS.labels(op="create").inc()
     metrics.count_api_error("retrieve", status_error(anthropic.NotFoundError, 404))
-    queue_gauges.update(QueueSnapshot(1, 100, 0.5, 1, 1))
+    queue_gauges.update(
+        snapshot(pending_requests=1, pending_bytes=100, oldest_age_seconds=0.5, open_batches=1, alive=1)
+    )
 
 
 async def test_metrics_endpoint_passes_promtool() -> None:

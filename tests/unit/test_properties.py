@@ -26,9 +26,8 @@ from hypothesis import strategies as st
 from batchd import AsyncClient, BatchdError
 from batchd.batches import Context, deliver_lines
 from batchd.errors import InvalidParams, InvalidRequest, InvalidRequestId, RequestTooLarge
-from batchd.keys import CONSUMER_GROUP, Keys
-from batchd.scripts import Scripts
 from batchd.settings import Settings, load_settings
+from batchd.store import Keys, NewRequest, RequestState, Store
 from batchd.validation import MAX_REQUEST_ID_LEN
 
 T = TypeVar("T")
@@ -203,8 +202,9 @@ bad_rids = st.one_of(
 
 
 # --- the submit properties ------------------------------------------------------------------------------
-async def _state(r: fakeredis.FakeAsyncRedis) -> tuple[int, list[Any], list[bytes]]:
-    return (await r.xlen(K.intake), await r.hmget(K.queue_stats, "n", "bytes"), sorted(await r.keys("*")))
+async def _state(r: fakeredis.FakeAsyncRedis) -> tuple[int, int, int, list[bytes]]:
+    snap = await Store(r, K).snapshot(dead_after_ms=10_000)
+    return (await r.xlen(K.intake), snap.pending_requests, snap.pending_bytes, sorted(await r.keys("*")))
 
 
 def _client(loop: Loop) -> tuple[AsyncClient, fakeredis.FakeAsyncRedis, tuple[Any, ...]]:
@@ -446,26 +446,24 @@ class _Unused:
         raise AssertionError(f"deliver_lines must not touch the API or the scheduler ({name})")
 
 
-async def _reset_known(r: fakeredis.FakeAsyncRedis) -> None:
-    await r.flushall()
-    await r.xgroup_create(K.intake, CONSUMER_GROUP, id="0", mkstream=True)
-    for rid in KNOWN:
-        await r.hset(
-            K.request(rid),
-            mapping={
-                "state": "flushed",
-                "fid": FID,
-                "attempts": 1,
-                "n": 80,
-                "enq": 1_700_000_000_000,
-                "body": b"{}",
-            },
-        )
+async def _reset_known(store: Store) -> None:
+    """Every KNOWN request queued, read and committed into flush FID: waiting for its results line."""
+    await store.redis.flushall()
+    await store.intake.ensure_group()
+    await store.scripts.enqueue(
+        [NewRequest(rid, b"{}") for rid in KNOWN],
+        now_ms=1_700_000_000_000,
+        max_requests=10**9,
+        max_bytes=10**12,
+    )
+    entries = await store.intake.read_new("c1", count=len(KNOWN), block_ms=None)
+    await store.scripts.commit_flush(FID, entries, now_ms=1_700_000_000_000)
 
 
 def test_deliver_lines_never_raises_counts_malformed_and_delivers_the_rest(loop: Loop) -> None:
     redis = fakeredis.FakeAsyncRedis()
-    ctx = Context(redis, K, Scripts.register(redis), make_test_settings(), _Unused(), _Unused())  # type: ignore[arg-type]
+    store = Store(redis, K)
+    ctx = Context(store, make_test_settings(), _Unused(), _Unused())  # type: ignore[arg-type]
 
     @LINES_PROPS
     @given(case=lines_case)
@@ -489,7 +487,7 @@ def test_deliver_lines_never_raises_counts_malformed_and_delivers_the_rest(loop:
         ]
     )
     def check(case: list[tuple[bool, bytes]]) -> None:
-        loop.run(_reset_known(redis))
+        loop.run(_reset_known(store))
         tally = loop.run(deliver_lines(ctx, [line for _, line in case]))  # must not raise
 
         valid = [line for ok, line in case if ok]
@@ -501,16 +499,15 @@ def test_deliver_lines_never_raises_counts_malformed_and_delivers_the_rest(loop:
         assert tally["duplicate"] == len(valid) - len(first), tally
         assert tally["requeued"] == tally["stale"] == 0, tally
 
-        async def outcome() -> tuple[list[Any], list[Any], int]:
-            results = await redis.mget([K.result(rid) for rid in KNOWN])
-            states = [await redis.hget(K.request(rid), "state") for rid in KNOWN]
-            return results, states, await redis.xlen(K.intake)
+        async def outcome() -> tuple[list[bytes | None], dict[str, RequestState | None], int]:
+            results = await store.result_lines(KNOWN)
+            return results, await store.request_states(KNOWN), await redis.xlen(K.intake)
 
         results, states, intake = loop.run(outcome())
-        for rid, result, state in zip(KNOWN, results, states, strict=True):
+        for rid, result in zip(KNOWN, results, strict=True):
             # Each valid request got its first line; nothing malformed answered (or requeued) anyone.
             assert result == first.get(rid), rid
-            assert state == (b"done" if rid in first else b"flushed"), rid
+            assert states[rid] == (RequestState.DONE if rid in first else RequestState.FLUSHED), rid
         assert intake == 0
 
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from batchd.batchbody import EMPTY_BODY_SIZE, item_size
 from batchd.errors import InvalidParams, InvalidRequest, InvalidRequestId, RequestTooLarge
-from batchd.keys import custom_id_for
+from batchd.store import custom_id_for
 from batchd.validation import MAX_REQUEST_ID_LEN, encode_params, new_request_id, validate_request_id
 
 BIG = 256 * 1024 * 1024

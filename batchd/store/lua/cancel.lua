@@ -3,7 +3,7 @@
 -- Returns 1 if it was still queued (removed: it will never reach the API), 2 if it was already flushed
 -- (answered canceled now; the API may still process it, and that late answer is dropped), 0 if it already
 -- had its answer, -1 if there is no such request.
-local f = redis.call('HMGET', KEYS[1], 'state', 'n')
+local f = redis.call('HMGET', KEYS[1], 'state', 'bytes')
 local state = f[1]
 if not state then
   if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -19,7 +19,7 @@ local code = 2
 if state == 'queued' then
   code = 1
   -- Its stream entry stays; commit_flush acknowledges it without moving it.
-  redis.call('HINCRBY', KEYS[3], 'n', -1)
+  redis.call('HINCRBY', KEYS[3], 'requests', -1)
   redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(f[2]))
   redis.call('HDEL', KEYS[1], 'body')
 end

@@ -9,7 +9,7 @@ local fid, now = ARGV[2], ARGV[3]
 local moved, bytes = 0, 0
 local ids = {}
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('HSET', KEYS[3], 'state', 'building', 'created', now, 'n', 0, 'bytes', 0)
+  redis.call('HSET', KEYS[3], 'state', 'building', 'created', now, 'requests', 0, 'bytes', 0)
   redis.call('ZADD', KEYS[5], now, fid)
 end
 local state = redis.call('HGET', KEYS[3], 'state')
@@ -19,7 +19,7 @@ end
 for i = 4, #ARGV, 2 do
   local entry, rid = ARGV[i], ARGV[i + 1]
   local req = KEYS[5 + (i - 2) / 2]
-  local fields = redis.call('HMGET', req, 'state', 'n')
+  local fields = redis.call('HMGET', req, 'state', 'bytes')
   if fields[1] == 'queued' then
     redis.call('HSET', req, 'state', 'flushed', 'fid', fid)
     redis.call('RPUSH', KEYS[4], rid)
@@ -33,9 +33,9 @@ if #ids > 0 then
   redis.call('XDEL', KEYS[1], unpack(ids))
 end
 if moved > 0 then
-  redis.call('HINCRBY', KEYS[3], 'n', moved)
+  redis.call('HINCRBY', KEYS[3], 'requests', moved)
   redis.call('HINCRBY', KEYS[3], 'bytes', bytes)
-  redis.call('HINCRBY', KEYS[2], 'n', -moved)
+  redis.call('HINCRBY', KEYS[2], 'requests', -moved)
   redis.call('HINCRBY', KEYS[2], 'bytes', -bytes)
 end
 return {moved, bytes}

@@ -5,7 +5,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'building' then
   return -1
 end
-local n = tonumber(redis.call('HGET', KEYS[1], 'n'))
+local n = tonumber(redis.call('HGET', KEYS[1], 'requests'))
 if n == 0 then
   redis.call('DEL', KEYS[1], KEYS[3])
   redis.call('ZREM', KEYS[2], ARGV[1])

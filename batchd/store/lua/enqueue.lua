@@ -8,7 +8,7 @@
 -- write, so an out-of-memory error leaves nothing half-written.
 local now = ARGV[1]
 local nreq = (#ARGV - 3) / 3
-local stats = redis.call('HMGET', KEYS[2], 'n', 'bytes')
+local stats = redis.call('HMGET', KEYS[2], 'requests', 'bytes')
 local queued_n = tonumber(stats[1]) or 0
 local queued_bytes = tonumber(stats[2]) or 0
 
@@ -39,12 +39,12 @@ for i = 1, nreq do
     local base = 3 + (i - 1) * 3
     local rid, cid, body = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
     redis.call('HSET', KEYS[2 + (i - 1) * 2 + 1],
-      'body', body, 'n', #body, 'state', 'queued', 'attempts', 1, 'enq', now)
-    redis.call('XADD', KEYS[1], '*', 'rid', rid, 'cid', cid, 'n', #body)
+      'body', body, 'bytes', #body, 'state', 'queued', 'attempts', 1, 'enq', now)
+    redis.call('XADD', KEYS[1], '*', 'rid', rid, 'cid', cid, 'bytes', #body)
   end
 end
 if add_n > 0 then
-  redis.call('HINCRBY', KEYS[2], 'n', add_n)
+  redis.call('HINCRBY', KEYS[2], 'requests', add_n)
   redis.call('HINCRBY', KEYS[2], 'bytes', add_bytes)
 end
 return fresh

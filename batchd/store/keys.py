@@ -1,17 +1,22 @@
-"""Every Redis key batchd uses, in one place (the schema; see docs/design.md).
+"""Every Redis key batchd uses, in one place (the key table in docs/design.md mirrors it).
 
 Control keys share the ``{prefix}`` hash tag so the Lua scripts that touch several of them stay in one slot;
 reply keys are tagged by request id. batchd (like arq) does not support Redis Cluster; the tags keep the
-layout honest should that change.
+layout honest should that change. arq's own keys live under ``{prefix}:arq:`` (see ``batchd/jobs.py``), so
+every key of a deployment starts with ``{prefix}:`` or ``prefix:res:`` and two deployments with different
+prefixes share one Redis without meeting.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CONSUMER_GROUP", "Keys", "custom_id_for", "split_custom_id"]
+__all__ = ["CONSUMER_GROUP", "SCHEMA_VERSION", "Keys", "custom_id_for", "split_custom_id"]
 
 CONSUMER_GROUP = "acc"
+# The layout of the keys and records below. Bumped when a field or key changes meaning, so a daemon never
+# reads another version's data as its own (see Store.check_schema).
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,24 +27,33 @@ class Keys:
     def tag(self) -> str:
         return "{" + self.prefix + "}"
 
+    def owns(self, key: str) -> bool:
+        """Whether ``key`` belongs to this deployment."""
+        return key.startswith(self.tag + ":") or key.startswith(self.prefix + ":res:")
+
+    @property
+    def schema(self) -> str:
+        """String: SCHEMA_VERSION of the data under this prefix."""
+        return f"{self.tag}:schema"
+
     # --- intake -------------------------------------------------------------------------------------------
     @property
     def intake(self) -> str:
-        """Stream of queued requests: fields rid, cid (custom id of this attempt), n (params bytes)."""
+        """Stream of queued requests: fields rid, cid (custom id of this attempt), bytes (params bytes)."""
         return f"{self.tag}:intake"
 
     @property
     def queue_stats(self) -> str:
-        """Hash: n, bytes of requests queued and not yet flushed (backpressure and status read it)."""
+        """Hash: requests, bytes queued and not yet flushed (backpressure and status read it)."""
         return f"{self.tag}:queued"
 
     def request(self, rid: str) -> str:
-        """Hash: body, n, state, attempts, enq (ms), fid, batch, cancel."""
+        """Hash: a RequestRecord plus ``body`` (the params JSON, until answered)."""
         return f"{self.tag}:req:{rid}"
 
     # --- flushes and batches ------------------------------------------------------------------------------
     def flush(self, fid: str) -> str:
-        """Hash: state (building|sealed|submitting|submitted|failed), n, bytes, trigger, created, batch."""
+        """Hash: a FlushRecord."""
         return f"{self.tag}:flush:{fid}"
 
     def flush_rids(self, fid: str) -> str:
@@ -53,7 +67,7 @@ class Keys:
 
     @property
     def recent_flushes(self) -> str:
-        """Capped list of JSON summaries of recent flushes (for ``batchd status``)."""
+        """Capped list of FlushSummary JSON, newest first (for ``batchd status`` and the demo)."""
         return f"{self.tag}:flushes:recent"
 
     @property
@@ -62,7 +76,7 @@ class Keys:
         return f"{self.tag}:batches:open"
 
     def batch(self, batch_id: str) -> str:
-        """Hash: fid, n, created, cursor (fan-out checkpoint: lines delivered), status."""
+        """Hash: a BatchRecord."""
         return f"{self.tag}:batch:{batch_id}"
 
     @property
@@ -106,10 +120,16 @@ class Keys:
     def reconcile_lock(self) -> str:
         return f"{self.tag}:lock:reconcile"
 
+    # --- arq ----------------------------------------------------------------------------------------------
+    @property
+    def arq_namespace(self) -> str:
+        """What replaces arq's hard-coded ``arq:`` key prefix (job, in-progress, retry, result keys)."""
+        return f"{self.tag}:arq:"
+
     @property
     def arq_queue(self) -> str:
-        """arq's queue name; arq derives its own job keys from it."""
-        return f"{self.tag}:arq"
+        """arq's queue (a zset of job ids); its health-check key is derived from it."""
+        return f"{self.tag}:arq:queue"
 
 
 def custom_id_for(rid: str, attempt: int) -> str:

@@ -1,0 +1,22 @@
+"""The batch lifecycle, one module per job: create (and orphan adoption), poll, fan-out, reconcile.
+
+Each job is idempotent: the job runner (arq, see ``batchd/jobs.py``) runs jobs at least once, so a job
+killed half-way simply runs again. A job asks to run again later by raising RetryLater.
+"""
+
+from .context import Context, RetryLater, Scheduler
+from .create import submit_flush
+from .fanout import deliver_lines, fanout_results
+from .poll import poll_batch
+from .reconciler import reconcile
+
+__all__ = [
+    "Context",
+    "RetryLater",
+    "Scheduler",
+    "deliver_lines",
+    "fanout_results",
+    "poll_batch",
+    "reconcile",
+    "submit_flush",
+]

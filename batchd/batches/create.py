@@ -1,0 +1,202 @@
+"""Creating a sealed flush's batch, and adopting the batch of a create whose outcome was never learnt.
+
+Creates are serialised by a lock (one ``batches.create`` in flight across all replicas), so at most one
+create's outcome can be unknown (its job died, or the reply was lost): ``Store.inflight_create`` names that
+flush from the intent until the outcome is recorded, and only that flush may adopt an unrecorded batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import anthropic
+from anthropic.types.messages import MessageBatch
+
+from .. import metrics
+from ..batchbody import build_body
+from ..logs import log_event
+from ..store import FlushItem, FlushRecord, FlushState, custom_id_for, now_ms
+from .context import Context, RetryLater, backoff, retry_after, retryable_status
+from .fanout import deliver_lines
+from .resultline import errored_line
+
+__all__ = ["submit_flush"]
+
+log = logging.getLogger(__name__)
+
+# Error types for a final create failure, limited to those the SDK's ErrorObject union accepts (it has no
+# request_too_large: a 413 reaches the caller as invalid_request_error with the API's message).
+_STATUS_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+}
+# When looking for an orphan of an interrupted create: allow this much clock skew against the API.
+_ORPHAN_SKEW_S = 300.0
+# An unknown create is looked for in the list for at least this long before creating again.
+_LIST_GRACE_S = 3.0
+# Statuses that mean the API refused the create outright: nothing was created, the outcome is known.
+_NOT_CREATED_STATUS = frozenset({429, 529})
+_DELIVER_CHUNK = 500
+
+
+async def submit_flush(ctx: Context, fid: str) -> str:
+    """Create the batch of a sealed flush. Returns the batch id, or the flush's final state."""
+    store = ctx.store
+    flush = await store.flush(fid)
+    if flush is None:
+        return "missing"
+    if flush.state not in (FlushState.SEALED, FlushState.SUBMITTING):
+        return flush.state.value  # building (the reconciler seals it), submitted, failed, empty, done
+    # The lock outlives the job's timeout: a live holder is never overtaken; a dead one frees it then.
+    lock_ms = int((ctx.settings.job_timeout_seconds + 30) * 1000)
+    if not await store.take_create_lock(fid, ms=lock_ms):
+        raise RetryLater(0.2 + random.random() * 0.5, "another create is in flight")
+    try:
+        adopted = await _settle_inflight_create(ctx)
+        if adopted is not None and adopted[0] == fid:
+            return adopted[1]
+        items = await store.flush_items(fid)
+        if not items:
+            await store.mark_flush_empty(fid)
+            return FlushState.EMPTY.value
+        body = build_body((custom_id_for(i.rid, i.attempt).encode(), i.body) for i in items)
+        # From here until the outcome is known, this is the one create that may be unrecorded.
+        await store.begin_create(fid, sent=len(items), body_bytes=len(body))
+        metrics.API_REQUESTS.labels(op="create").inc()
+        try:
+            batch = await ctx.api.post(
+                "/v1/messages/batches",
+                cast_to=MessageBatch,
+                content=body,
+                # No SDK retries: a retried POST without an idempotency key can create the batch twice.
+                options={
+                    "max_retries": 0,
+                    "timeout": ctx.settings.job_timeout_seconds,
+                    "headers": {"Content-Type": "application/json"},
+                },
+            )
+        except anthropic.APIStatusError as exc:
+            metrics.count_api_error("create", exc)
+            if retryable_status(exc.status_code):
+                if exc.status_code in _NOT_CREATED_STATUS:
+                    await store.clear_inflight_create()
+                errors = await store.count_flush_error(fid)
+                raise RetryLater(
+                    retry_after(exc) or backoff(errors), f"create: HTTP {exc.status_code}"
+                ) from exc
+            await _fail_flush(ctx, fid, items, exc)
+            return FlushState.FAILED.value
+        except anthropic.APIConnectionError as exc:
+            metrics.count_api_error("create", exc)
+            errors = await store.count_flush_error(fid)
+            raise RetryLater(backoff(errors), f"create: {type(exc).__name__}") from exc
+        await _record(ctx, flush, batch, requests=len(items), adopted=False)
+        return batch.id
+    finally:
+        await store.release_create_lock(fid)
+
+
+async def _settle_inflight_create(ctx: Context) -> tuple[str, str] | None:
+    """Called under the create lock: if the last create's outcome was never learnt, find its batch on the
+    API and record it for *that* flush. Returns (fid, batch id) when a batch was adopted.
+
+    Only the flush named in-flight can have an unrecorded batch: no other flush can adopt it, and a flush
+    that is merely 'submitting' without being named simply creates again.
+    """
+    store = ctx.store
+    fid = await store.inflight_create()
+    if fid is None:
+        return None
+    flush = await store.flush(fid)
+    adopted: tuple[str, str] | None = None
+    if flush is not None and flush.state is FlushState.SUBMITTING and flush.intent_ms is not None:
+        orphan = await _find_orphan(ctx, flush.intent_ms, flush.sent or 0)
+        if orphan is None and now_ms() - flush.intent_ms < _LIST_GRACE_S * 1000:
+            # A batch created a moment ago may not be listed yet: look again shortly, not create now.
+            raise RetryLater(_LIST_GRACE_S / 2, "the last create's outcome is unknown; checking again")
+        if orphan is not None:
+            log.warning("flush %s: adopting batch %s created by an interrupted submit", fid, orphan.id)
+            await _record(ctx, flush, orphan, requests=flush.sent or flush.requests, adopted=True)
+            adopted = (fid, orphan.id)
+    await store.clear_inflight_create()
+    return adopted
+
+
+async def _find_orphan(ctx: Context, intent_ms: int, sent: int) -> MessageBatch | None:
+    """A batch created at or after the intent that batchd never recorded, with as many requests as sent.
+
+    Creates are serialised by the create lock and only the in-flight flush is looked up, so an unrecorded
+    batch can only be that flush's; the request count and creation time confirm it.
+    """
+    metrics.API_REQUESTS.labels(op="list").inc()
+    since = intent_ms / 1000 - _ORPHAN_SKEW_S
+    candidates: list[MessageBatch] = []
+    try:
+        async for batch in ctx.api.messages.batches.list(limit=100):
+            if batch.created_at.timestamp() < since:
+                break
+            if await ctx.store.is_known_batch(batch.id):
+                continue
+            counts = batch.request_counts
+            total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+            if total == sent:
+                candidates.append(batch)
+    except (anthropic.APIStatusError, anthropic.APIConnectionError) as exc:
+        metrics.count_api_error("list", exc)
+        # Not knowing is not "no orphan": submitting now could pay twice.
+        raise RetryLater(2.0, "list batches failed while looking for an orphan") from exc
+    if not candidates:
+        return None
+    return min(candidates, key=lambda b: abs(b.created_at.timestamp() * 1000 - intent_ms))
+
+
+async def _record(
+    ctx: Context, flush: FlushRecord, batch: MessageBatch, *, requests: int, adopted: bool
+) -> None:
+    summary = await ctx.store.record_batch(
+        flush,
+        batch.id,
+        created_ms=int(batch.created_at.timestamp() * 1000),
+        requests=requests,
+        adopted=adopted,
+    )
+    metrics.BATCHES_CREATED.labels(trigger=metrics.trigger_label(summary.trigger)).inc()
+    metrics.BATCH_REQUESTS.observe(requests)
+    log_event(
+        log,
+        "batch.created",
+        batch_id=batch.id,
+        flush=flush.fid,
+        requests=requests,
+        trigger=summary.trigger,
+        adopted=adopted,
+    )
+    await ctx.scheduler.poll(batch.id, ctx.settings.poll_min_seconds)
+
+
+async def _fail_flush(ctx: Context, fid: str, items: list[FlushItem], exc: anthropic.APIStatusError) -> None:
+    """A final create error (4xx): every caller in the flush gets the API's error as its answer."""
+    error_type = _STATUS_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
+    message = getattr(exc, "api_message", None) or f"batch create failed with HTTP {exc.status_code}"
+    for start in range(0, len(items), _DELIVER_CHUNK):
+        lines = [
+            errored_line(custom_id_for(i.rid, i.attempt), error_type, message, exc.request_id)
+            for i in items[start : start + _DELIVER_CHUNK]
+        ]
+        await deliver_lines(ctx, lines, allow_retry=False)
+    await ctx.store.fail_flush(fid, f"{exc.status_code} {error_type}")
+    log_event(
+        log,
+        "batch.create_failed",
+        flush=fid,
+        requests=len(items),
+        status=exc.status_code,
+        error_type=error_type,
+        level=logging.ERROR,
+    )

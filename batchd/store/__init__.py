@@ -1,0 +1,66 @@
+"""batchd's storage layer: every Redis key, record, state and Lua script, and nothing else.
+
+Nothing outside this package spells a key, a record field or a state; see docs/design.md for the key table.
+"""
+
+from .connection import CLIENT_SOCKET_TIMEOUT, connect, connection_pool
+from .intake import ConsumerInfo, Intake
+from .keys import CONSUMER_GROUP, SCHEMA_VERSION, Keys, custom_id_for, split_custom_id
+from .records import (
+    BatchRecord,
+    BatchState,
+    FlushRecord,
+    FlushState,
+    FlushSummary,
+    IntakeEntry,
+    RequestRecord,
+    RequestState,
+    Trigger,
+    now_ms,
+    text,
+)
+from .scripts import (
+    CancelOutcome,
+    DeliverOutcome,
+    DeliverReply,
+    Delivery,
+    EnqueueRefused,
+    NewRequest,
+    Scripts,
+)
+from .store import FlushItem, QueueSnapshot, SchemaMismatch, Store
+
+__all__ = [
+    "CLIENT_SOCKET_TIMEOUT",
+    "CONSUMER_GROUP",
+    "SCHEMA_VERSION",
+    "BatchRecord",
+    "BatchState",
+    "CancelOutcome",
+    "ConsumerInfo",
+    "DeliverOutcome",
+    "DeliverReply",
+    "Delivery",
+    "EnqueueRefused",
+    "FlushItem",
+    "FlushRecord",
+    "FlushState",
+    "FlushSummary",
+    "Intake",
+    "IntakeEntry",
+    "Keys",
+    "NewRequest",
+    "QueueSnapshot",
+    "RequestRecord",
+    "RequestState",
+    "SchemaMismatch",
+    "Scripts",
+    "Store",
+    "Trigger",
+    "connect",
+    "connection_pool",
+    "custom_id_for",
+    "now_ms",
+    "split_custom_id",
+    "text",
+]

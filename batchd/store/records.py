@@ -1,0 +1,259 @@
+"""The records batchd keeps in Redis and their states: the one place that knows their field names.
+
+A record is read whole from its hash and becomes a typed, frozen dataclass; writes go through
+:class:`batchd.store.Store` (plain commands) or :class:`batchd.store.Scripts` (Lua), never through field
+names spelt elsewhere. The ``.lua`` files use the same names (see each script's header).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "BatchRecord",
+    "BatchState",
+    "FlushRecord",
+    "FlushState",
+    "FlushSummary",
+    "IntakeEntry",
+    "RequestRecord",
+    "RequestState",
+    "Trigger",
+    "now_ms",
+    "text",
+]
+
+
+class RequestState(StrEnum):
+    """A request's place in the flow (``{p}:req:<rid>`` field ``state``)."""
+
+    QUEUED = "queued"  # in intake, not yet in a flush (again after a retryable answer)
+    FLUSHED = "flushed"  # in flush ``fid``, waiting for its batch's answer
+    DONE = "done"  # answered (or canceled); the result key holds the answer
+
+
+class FlushState(StrEnum):
+    """A flush's place in the flow (``{p}:flush:<fid>`` field ``state``)."""
+
+    BUILDING = "building"  # chunks are being moved in
+    SEALED = "sealed"  # complete; waiting for its create
+    SUBMITTING = "submitting"  # the create was attempted; its outcome may be unknown
+    SUBMITTED = "submitted"  # the batch exists (``batch``)
+    DONE = "done"  # the batch's results were delivered
+    FAILED = "failed"  # the API refused the create for good; every caller got the error
+    EMPTY = "empty"  # every request was canceled before the create
+
+
+class BatchState(StrEnum):
+    """A batch's place in the flow (``{p}:batch:<id>`` field ``state``)."""
+
+    OPEN = "open"  # created, not yet fanned out
+    DONE = "done"  # every results line delivered
+
+
+class Trigger(StrEnum):
+    """What closed a flush: the first limit reached."""
+
+    COUNT = "count"
+    BYTES = "bytes"
+    AGE = "age"
+
+
+def text(value: object) -> str:
+    """A Redis reply (bytes, str or number) as text; None as ""."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode()
+    return str(value)
+
+
+def _int(value: object, default: int = 0) -> int:
+    return default if value is None or value == b"" else int(text(value))
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else int(text(value))
+
+
+def _opt_text(value: object) -> str | None:
+    return None if value is None else text(value)
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds: the unit of every timestamp batchd stores."""
+    return int(time.time() * 1000)
+
+
+def _fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
+    return {text(k): v for k, v in raw.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeEntry:
+    """One entry of the intake stream: a request (one attempt of it) waiting to be flushed."""
+
+    entry_id: str
+    rid: str
+    custom_id: str
+    params_bytes: int
+
+    @property
+    def ms(self) -> int:
+        """When the entry was queued: a stream id starts with its creation time in milliseconds."""
+        return int(self.entry_id.split("-", 1)[0])
+
+    @classmethod
+    def from_stream(cls, entry_id: object, raw: Mapping[Any, Any]) -> IntakeEntry | None:
+        fields = _fields(raw)
+        if "rid" not in fields:
+            return None
+        return cls(text(entry_id), text(fields["rid"]), text(fields.get("cid")), _int(fields.get("bytes")))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """``{p}:req:<rid>``: one request while it is in flight (its params are dropped once answered)."""
+
+    rid: str
+    state: RequestState
+    attempts: int
+    enqueued_ms: int
+    params_bytes: int
+    fid: str | None
+    canceled: bool
+
+    @classmethod
+    def from_hash(cls, rid: str, raw: Mapping[Any, Any]) -> RequestRecord | None:
+        f = _fields(raw)
+        if "state" not in f:
+            return None
+        return cls(
+            rid=rid,
+            state=RequestState(text(f["state"])),
+            attempts=_int(f.get("attempts"), 1),
+            enqueued_ms=_int(f.get("enq")),
+            params_bytes=_int(f.get("bytes")),
+            fid=_opt_text(f.get("fid")),
+            canceled=f.get("cancel") is not None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRecord:
+    """``{p}:flush:<fid>``: a group of requests on their way into one batch."""
+
+    fid: str
+    state: FlushState
+    created_ms: int
+    requests: int  # moved into the flush
+    params_bytes: int
+    trigger: Trigger | None
+    intent_ms: int | None  # when the create was (last) attempted
+    sent: int | None  # requests in that create body (canceled ones are left out)
+    body_bytes: int | None
+    batch_id: str | None
+    errors: int  # consecutive create errors (backoff)
+    error: str | None  # why the create failed for good
+
+    @classmethod
+    def from_hash(cls, fid: str, raw: Mapping[Any, Any]) -> FlushRecord | None:
+        f = _fields(raw)
+        if "state" not in f:
+            return None
+        trigger = _opt_text(f.get("trigger"))
+        return cls(
+            fid=fid,
+            state=FlushState(text(f["state"])),
+            created_ms=_int(f.get("created")),
+            requests=_int(f.get("requests")),
+            params_bytes=_int(f.get("bytes")),
+            trigger=Trigger(trigger) if trigger else None,
+            intent_ms=_opt_int(f.get("intent")),
+            sent=_opt_int(f.get("sent")),
+            body_bytes=_opt_int(f.get("body_bytes")),
+            batch_id=_opt_text(f.get("batch")),
+            errors=_int(f.get("errors")),
+            error=_opt_text(f.get("error")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """``{p}:batch:<id>``: a created batch, from its create to its fan-out."""
+
+    batch_id: str
+    fid: str
+    requests: int
+    created_ms: int
+    state: BatchState
+    polls: int
+    cursor: int  # results lines delivered so far (the fan-out checkpoint)
+    errors: int  # consecutive retrieve/results errors (backoff)
+    lines: int | None  # results lines read, once done
+
+    @classmethod
+    def from_hash(cls, batch_id: str, raw: Mapping[Any, Any]) -> BatchRecord | None:
+        f = _fields(raw)
+        if "state" not in f:
+            return None
+        return cls(
+            batch_id=batch_id,
+            fid=text(f.get("fid")),
+            requests=_int(f.get("requests")),
+            created_ms=_int(f.get("created")),
+            state=BatchState(text(f["state"])),
+            polls=_int(f.get("polls")),
+            cursor=_int(f.get("cursor")),
+            errors=_int(f.get("errors")),
+            lines=_opt_int(f.get("lines")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FlushSummary:
+    """One entry of ``{p}:flushes:recent``: a batch created (for ``batchd status`` and the demo)."""
+
+    fid: str
+    batch_id: str
+    requests: int
+    params_bytes: int
+    trigger: str
+    at_ms: int
+    adopted: bool
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "fid": self.fid,
+                "batch": self.batch_id,
+                "requests": self.requests,
+                "bytes": self.params_bytes,
+                "trigger": self.trigger,
+                "at": self.at_ms,
+                "adopted": self.adopted,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> FlushSummary:
+        d = orjson.loads(raw)
+        return cls(
+            fid=str(d["fid"]),
+            batch_id=str(d["batch"]),
+            requests=int(d["requests"]),
+            params_bytes=int(d["bytes"]),
+            trigger=str(d["trigger"]),
+            at_ms=int(d["at"]),
+            adopted=bool(d.get("adopted", False)),
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON shape ``batchd status --json`` shows."""
+        return dict(orjson.loads(self.to_json()))

@@ -1,0 +1,365 @@
+"""The storage layer: every read and write of batchd's records goes through a Store.
+
+``Store`` owns the Redis client's view of one deployment (its Keys), the Lua scripts (``store.scripts``,
+one typed method each) and the intake stream (``store.intake``); the methods below are the plain-command
+reads and writes, grouped by record. Callers never spell a key, a field or a state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar, cast
+
+import redis.asyncio as aioredis
+
+from .intake import Intake
+from .keys import SCHEMA_VERSION, Keys
+from .records import (
+    BatchRecord,
+    BatchState,
+    FlushRecord,
+    FlushState,
+    FlushSummary,
+    RequestRecord,
+    RequestState,
+    now_ms,
+    text,
+)
+from .scripts import Scripts
+
+__all__ = ["FlushItem", "QueueSnapshot", "SchemaMismatch", "Store"]
+
+_READ_CHUNK = 1000
+_T = TypeVar("_T")
+_RECENT_FLUSHES = 50
+
+
+class SchemaMismatch(Exception):
+    """The data under this prefix was written by a batchd with another key layout."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushItem:
+    """A request still in a flush: its id, its current attempt and its params JSON."""
+
+    rid: str
+    attempt: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """The shared queue as read at one moment: the daemon's gauges, ``batchd status`` and the demo read
+    it through :meth:`Store.snapshot`."""
+
+    at_ms: int
+    pending_requests: int  # in intake, not yet in a flush
+    pending_bytes: int
+    oldest_age_seconds: float | None  # age of the oldest pending request; None when none are pending
+    read_not_flushed: int  # read by some replica, not yet flushed
+    flushes_waiting: int  # sealed (or building) flushes whose batch is not created yet
+    open_batches: int  # created and not yet fanned out
+    replicas: dict[str, int]  # replica name -> last heartbeat (ms)
+    alive_replicas: int  # of which with a recent heartbeat
+
+
+class Store:
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = Scripts(redis, keys)
+        self.intake = Intake(redis, keys)
+
+    # --- schema -------------------------------------------------------------------------------------------
+    async def check_schema(self) -> None:
+        """Claim this prefix for SCHEMA_VERSION, or raise SchemaMismatch if another layout owns it.
+
+        Data written by batchd 0.1 (before the schema key existed) is not detected: drain it before an
+        upgrade (docs/operations.md).
+        """
+        k = self.keys
+        if await self.redis.set(k.schema, SCHEMA_VERSION, nx=True):
+            return
+        found = text(await self.redis.get(k.schema))
+        if found != str(SCHEMA_VERSION):
+            raise SchemaMismatch(
+                f"prefix {k.prefix!r} holds data of schema {found}; "
+                f"this batchd writes schema {SCHEMA_VERSION}"
+            )
+
+    # --- requests -----------------------------------------------------------------------------------------
+    async def request(self, rid: str) -> RequestRecord | None:
+        return RequestRecord.from_hash(rid, await self._hgetall(self.keys.request(rid)))
+
+    async def request_states(self, rids: Sequence[str]) -> dict[str, RequestState | None]:
+        out: dict[str, RequestState | None] = {}
+        for chunk in _chunks(rids):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for rid in chunk:
+                    pipe.hget(self.keys.request(rid), "state")
+                rows = await pipe.execute()
+            for rid, state in zip(chunk, rows, strict=True):
+                out[rid] = RequestState(text(state)) if state is not None else None
+        return out
+
+    async def result_line(self, rid: str) -> tuple[bytes | None, bool]:
+        """(the stored results line or None, whether batchd knows the request at all), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.result(rid))
+            pipe.exists(self.keys.request(rid))
+            line, exists = await pipe.execute()
+        return (None if line is None else bytes(line)), bool(line is not None or exists)
+
+    async def result_lines(self, rids: Sequence[str]) -> list[bytes | None]:
+        """The stored results lines of many requests (None where not answered yet), one MGET per 1,000."""
+        out: list[bytes | None] = []
+        for chunk in _chunks(rids):
+            values = await self.redis.mget([self.keys.result(rid) for rid in chunk])
+            out.extend(None if v is None else bytes(v) for v in values)
+        return out
+
+    # --- flushes ------------------------------------------------------------------------------------------
+    async def flush(self, fid: str) -> FlushRecord | None:
+        return FlushRecord.from_hash(fid, await self._hgetall(self.keys.flush(fid)))
+
+    async def flush_rids(self, fid: str) -> list[str]:
+        return [text(r) for r in await self._lrange(self.keys.flush_rids(fid), 0, -1)]
+
+    async def flush_items(self, fid: str) -> list[FlushItem]:
+        """Every request still waiting in this flush with its params (a canceled one is left out)."""
+        rids = await self.flush_rids(fid)
+        items: list[FlushItem] = []
+        for chunk in _chunks(rids):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for rid in chunk:
+                    pipe.hmget(self.keys.request(rid), ["state", "fid", "attempts", "body"])
+                rows = await pipe.execute()
+            for rid, (state, owner, attempts, body) in zip(chunk, rows, strict=True):
+                if text(state) == RequestState.FLUSHED and text(owner) == fid and body is not None:
+                    items.append(FlushItem(rid, int(attempts), bytes(body)))
+        return items
+
+    async def unanswered(self, fid: str) -> list[tuple[str, int]]:
+        """(rid, attempt) of requests still waiting on this flush: no results line reached them."""
+        rids = await self.flush_rids(fid)
+        out: list[tuple[str, int]] = []
+        for chunk in _chunks(rids):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for rid in chunk:
+                    pipe.hmget(self.keys.request(rid), ["state", "fid", "attempts"])
+                rows = await pipe.execute()
+            for rid, (state, owner, attempts) in zip(chunk, rows, strict=True):
+                if text(state) == RequestState.FLUSHED and text(owner) == fid:
+                    out.append((rid, int(attempts)))
+        return out
+
+    async def pending_flushes(self) -> list[tuple[str, FlushState | None, int]]:
+        """(fid, state, created ms) of every flush not yet submitted: what the reconciler walks."""
+        entries = await self.redis.zrange(self.keys.flushes, 0, -1, withscores=True)
+        out: list[tuple[str, FlushState | None, int]] = []
+        for chunk in _chunks(entries):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for fid, _ in chunk:
+                    pipe.hget(self.keys.flush(text(fid)), "state")
+                states = await pipe.execute()
+            for (fid, created), state in zip(chunk, states, strict=True):
+                out.append((text(fid), FlushState(text(state)) if state is not None else None, int(created)))
+        return out
+
+    async def forget_flush(self, fid: str) -> None:
+        """Drop a flush from the reconciler's list (it is submitted, failed, empty or gone)."""
+        await self.redis.zrem(self.keys.flushes, fid)
+
+    async def mark_flush_empty(self, fid: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.flush(fid), "state", FlushState.EMPTY)
+            pipe.zrem(self.keys.flushes, fid)
+            await pipe.execute()
+
+    async def begin_create(self, fid: str, *, sent: int, body_bytes: int) -> int:
+        """Record the intent to create this flush's batch, and name it as the one create whose outcome is
+        unknown until it is recorded. Returns the intent time (ms)."""
+        intent = now_ms()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self.keys.flush(fid),
+                mapping={
+                    "state": FlushState.SUBMITTING,
+                    "intent": intent,
+                    "sent": sent,
+                    "body_bytes": body_bytes,
+                },
+            )
+            pipe.set(self.keys.create_inflight, fid)
+            await pipe.execute()
+        return intent
+
+    async def count_flush_error(self, fid: str) -> int:
+        """One more consecutive create error; returns the run length (for backoff)."""
+        return int(await self._hincrby(self.keys.flush(fid), "errors", 1))
+
+    async def fail_flush(self, fid: str, error: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.flush(fid), mapping={"state": FlushState.FAILED, "error": error})
+            pipe.zrem(self.keys.flushes, fid)
+            pipe.delete(self.keys.create_inflight)
+            await pipe.execute()
+
+    async def inflight_create(self) -> str | None:
+        raw = await self.redis.get(self.keys.create_inflight)
+        return None if raw is None else text(raw)
+
+    async def clear_inflight_create(self) -> None:
+        await self.redis.delete(self.keys.create_inflight)
+
+    async def record_batch(
+        self, flush: FlushRecord, batch_id: str, *, created_ms: int, requests: int, adopted: bool
+    ) -> FlushSummary:
+        """The flush's batch exists: record it, open it for polling, and note it among recent flushes."""
+        k = self.keys
+        summary = FlushSummary(
+            fid=flush.fid,
+            batch_id=batch_id,
+            requests=requests,
+            params_bytes=flush.params_bytes,
+            trigger=flush.trigger or "age",
+            at_ms=now_ms(),
+            adopted=adopted,
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(k.flush(flush.fid), mapping={"state": FlushState.SUBMITTED, "batch": batch_id})
+            pipe.delete(k.create_inflight)
+            pipe.zrem(k.flushes, flush.fid)
+            pipe.zadd(k.known_batches, {batch_id: created_ms})
+            pipe.zadd(k.open_batches, {batch_id: created_ms})
+            pipe.hset(
+                k.batch(batch_id),
+                mapping={
+                    "fid": flush.fid,
+                    "requests": requests,
+                    "created": created_ms,
+                    "state": BatchState.OPEN,
+                },
+            )
+            pipe.lpush(k.recent_flushes, summary.to_json())
+            pipe.ltrim(k.recent_flushes, 0, _RECENT_FLUSHES - 1)
+            await pipe.execute()
+        return summary
+
+    async def recent_flushes(self, count: int = _RECENT_FLUSHES) -> list[FlushSummary]:
+        """The last batches created, newest first."""
+        return [FlushSummary.from_json(r) for r in await self._lrange(self.keys.recent_flushes, 0, count - 1)]
+
+    # --- batches ------------------------------------------------------------------------------------------
+    async def batch(self, batch_id: str) -> BatchRecord | None:
+        return BatchRecord.from_hash(batch_id, await self._hgetall(self.keys.batch(batch_id)))
+
+    async def is_known_batch(self, batch_id: str) -> bool:
+        return await self.redis.zscore(self.keys.known_batches, batch_id) is not None
+
+    async def known_batch_ids(self) -> list[str]:
+        return [text(b) for b in await self.redis.zrange(self.keys.known_batches, 0, -1)]
+
+    async def open_batch_ids(self, limit: int | None = None) -> list[str]:
+        end = -1 if limit is None else limit - 1
+        return [text(b) for b in await self.redis.zrange(self.keys.open_batches, 0, end)]
+
+    async def count_poll(self, batch_id: str) -> int:
+        return int(await self._hincrby(self.keys.batch(batch_id), "polls", 1))
+
+    async def count_batch_error(self, batch_id: str) -> int:
+        """One more consecutive retrieve/results error; returns the run length (for backoff)."""
+        return int(await self._hincrby(self.keys.batch(batch_id), "errors", 1))
+
+    async def reset_batch_errors(self, batch_id: str) -> None:
+        await self._hset(self.keys.batch(batch_id), {"errors": 0})
+
+    async def set_cursor(self, batch_id: str, lines: int) -> None:
+        """Checkpoint: the first ``lines`` results lines are delivered."""
+        await self._hset(self.keys.batch(batch_id), {"cursor": lines})
+
+    async def finish_batch(self, batch: BatchRecord, *, lines: int, ttl_seconds: int) -> None:
+        """Every results line is delivered: close the batch and its flush, and let both expire."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(k.batch(batch.batch_id), mapping={"state": BatchState.DONE, "lines": lines})
+            pipe.zrem(k.open_batches, batch.batch_id)
+            if batch.fid:
+                pipe.hset(k.flush(batch.fid), "state", FlushState.DONE)
+                pipe.expire(k.flush(batch.fid), ttl_seconds)
+                pipe.expire(k.flush_rids(batch.fid), ttl_seconds)
+            pipe.expire(k.batch(batch.batch_id), ttl_seconds)
+            await pipe.execute()
+
+    # --- locks and leases ---------------------------------------------------------------------------------
+    async def take_create_lock(self, holder: str, *, ms: int) -> bool:
+        return bool(await self.redis.set(self.keys.create_lock, holder, nx=True, px=ms))
+
+    async def release_create_lock(self, holder: str) -> bool:
+        return await self.scripts.release_lock(self.keys.create_lock, holder)
+
+    async def take_reconcile_turn(self, *, ms: int) -> bool:
+        """At most one reconcile pass per ``ms`` across all replicas."""
+        return bool(await self.redis.set(self.keys.reconcile_lock, "1", nx=True, px=ms))
+
+    async def take_metrics_lease(self, holder: str, *, ms: int) -> bool:
+        return await self.scripts.lease(self.keys.metrics_leader, holder, ms=ms)
+
+    # --- replicas -----------------------------------------------------------------------------------------
+    async def heartbeat(self, replica: str, at_ms: int) -> None:
+        await self.redis.zadd(self.keys.replicas, {replica: at_ms})
+
+    async def forget_replica(self, replica: str) -> None:
+        await self.redis.zrem(self.keys.replicas, replica)
+
+    async def heartbeats(self) -> dict[str, int]:
+        """Replica name -> last heartbeat (ms)."""
+        return {
+            text(name): int(score)
+            for name, score in await self.redis.zrange(self.keys.replicas, 0, -1, withscores=True)
+        }
+
+    # --- the queue at a glance ----------------------------------------------------------------------------
+    async def snapshot(self, *, dead_after_ms: int) -> QueueSnapshot:
+        k = self.keys
+        at = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(k.queue_stats, ["requests", "bytes"])
+            pipe.xrange(k.intake, "-", "+", count=1)
+            pipe.zcard(k.open_batches)
+            pipe.zcard(k.flushes)
+            pipe.zrange(k.replicas, 0, -1, withscores=True)
+            (n, nbytes), first, open_batches, flushes, replicas = await pipe.execute()
+        oldest = None
+        if first and int(n or 0) > 0:
+            oldest = max(0.0, (at - int(text(first[0][0]).split("-", 1)[0])) / 1000)
+        beats = {text(name): int(score) for name, score in replicas}
+        return QueueSnapshot(
+            at_ms=at,
+            pending_requests=int(n or 0),
+            pending_bytes=int(nbytes or 0),
+            oldest_age_seconds=oldest,
+            read_not_flushed=await self.intake.group_pending(),
+            flushes_waiting=int(flushes),
+            open_batches=int(open_batches),
+            replicas=beats,
+            alive_replicas=sum(1 for beat in beats.values() if at - beat < dead_after_ms),
+        )
+
+    # redis-py types these replies as "awaitable or not" (one signature for sync and async clients).
+    async def _hgetall(self, key: str) -> dict[bytes, bytes]:
+        return await cast("Awaitable[dict[bytes, bytes]]", self.redis.hgetall(key))
+
+    async def _hset(self, key: str, mapping: dict[str, int | str]) -> None:
+        await cast("Awaitable[int]", self.redis.hset(key, mapping=mapping))
+
+    async def _lrange(self, key: str, start: int, end: int) -> list[bytes]:
+        return await cast("Awaitable[list[bytes]]", self.redis.lrange(key, start, end))
+
+    async def _hincrby(self, key: str, field: str, amount: int) -> int:
+        return await cast("Awaitable[int]", self.redis.hincrby(key, field, amount))
+
+
+def _chunks(items: Sequence[_T]) -> list[Sequence[_T]]:
+    return [items[i : i + _READ_CHUNK] for i in range(0, len(items), _READ_CHUNK)]

@@ -1,7 +1,10 @@
 """``batchd submit FILE.jsonl``: bulk work in the Batches request shape, answered in the results shape.
 
 Each input line is ``{"custom_id": "...", "params": {...}}``; the custom_id becomes the request id, so
-running the same file again is idempotent: it queues nothing new and collects the same answers.
+running the same file again is idempotent: it queues nothing new and collects the same answers. The file is
+read twice, never held whole: once to check every line (so an error names its line and nothing is
+written), once to queue it in chunks; with ``--wait`` a bounded number of answers are awaited at a time, so
+a 100,000-line file is collected in bounded memory.
 """
 
 from __future__ import annotations
@@ -9,17 +12,23 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
 from .client import AsyncClient
-from .errors import InvalidRequest, ResultTimeout
+from .errors import InvalidRequest, RequestConflict, ResultTimeout
 from .validation import encode_params, validate_request_id
 
 __all__ = ["read_requests", "submit_file"]
+
+# Requests queued per submit_many call while streaming the file.
+_SUBMIT_CHUNK = 1000
+# Answers awaited at once with --wait: enough to keep the client's shared reads full, few enough that a
+# 100,000-line file costs no more memory than a thousand lines.
+_WAIT_WINDOW = 2000
 
 
 def read_requests(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -34,7 +43,28 @@ def read_requests(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
                 raise InvalidRequest(f"{path}:{lineno}: not JSON ({exc})") from None
             if not isinstance(obj, dict) or "custom_id" not in obj or "params" not in obj:
                 raise InvalidRequest(f"{path}:{lineno}: expected an object with custom_id and params")
-            yield lineno, str(obj["custom_id"]), obj["params"]
+            custom_id = obj["custom_id"]
+            if not isinstance(custom_id, str):
+                raise InvalidRequest(
+                    f"{path}:{lineno}: custom_id must be a string, not {type(custom_id).__name__}"
+                )
+            yield lineno, custom_id, obj["params"]
+
+
+def check_file(path: Path, client: AsyncClient) -> dict[str, int]:
+    """Check every line before anything is written; returns custom_id -> line number."""
+    cfg = client.settings
+    lines: dict[str, int] = {}
+    for lineno, cid, params in read_requests(path):
+        try:
+            validate_request_id(cid)
+            encode_params(params, max_batch_bytes=cfg.max_batch_bytes, max_attempts=cfg.max_attempts)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{path}:{lineno}: {exc}") from None
+        first = lines.setdefault(cid, lineno)
+        if first != lineno:
+            raise InvalidRequest(f"{path}:{lineno}: custom_id {cid!r} repeats line {first}")
+    return lines
 
 
 async def submit_file(
@@ -47,52 +77,86 @@ async def submit_file(
     progress: IO[str] = sys.stderr,
 ) -> int:
     """Queue every line; with ``wait``, write each result line (custom_id as given) as it arrives."""
-    requests = list(read_requests(path))
-    cfg = client.settings
-    # Check every line first, so an error names its line (submit_many would only name the request).
-    for lineno, cid, params in requests:
+    lines = check_file(path, client)
+    queued = 0
+    for chunk in _chunks(read_requests(path)):
         try:
-            validate_request_id(cid)
-            encode_params(params, max_batch_bytes=cfg.max_batch_bytes, max_attempts=cfg.max_attempts)
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"{path}:{lineno}: {exc}") from None
-    ids = [cid for _, cid, _ in requests]
-    await client.submit_many([params for _, _, params in requests], ids)
-    total = len(ids)
+            await client.submit_many([params for _, _, params in chunk], [cid for _, cid, _ in chunk])
+        except RequestConflict as exc:
+            queued += len(exc.accepted)
+            raise InvalidRequest(
+                f"{path}:{lines[exc.request_id]}: custom_id {exc.request_id!r} was submitted before with "
+                f"other params: use another id for new params ({queued} lines before it were queued)"
+            ) from None
+        queued += len(chunk)
+    total = len(lines)
     if not wait:
         print(
             f"queued {total} requests from {path}; run again with --wait to collect the results",
             file=progress,
         )
         return 0
-    done = 0
-    counts: dict[str, int] = {}
-    last_draw = 0.0
     sink = out if out is not None else sys.stdout.buffer
+    counts: dict[str, int] = {}
+    done = 0
+    last_draw = 0.0
     _bar(progress, done, total, counts)
-
-    async def one(rid: str) -> None:
-        nonlocal done, last_draw
-        result = await client.result(rid, timeout=timeout)
-        # exclude_unset: the fields the API sent, not the SDK model's defaults.
-        line = {"custom_id": rid, "result": result.model_dump(mode="json", exclude_unset=True)}
-        sink.write(orjson.dumps(line) + b"\n")
-        done += 1
-        counts[result.type] = counts.get(result.type, 0) + 1
-        # Redraw at most ten times a second: 100,000 answers must not mean 100,000 terminal writes.
-        now = time.monotonic()
-        if now - last_draw >= 0.1 or done == total:
-            last_draw = now
-            _bar(progress, done, total, counts)
-
     try:
-        await asyncio.gather(*(one(rid) for rid in ids))
+        async for cid, result in _answers(client, (cid for _, cid, _ in read_requests(path)), timeout):
+            # exclude_unset: the fields the API sent, not the SDK model's defaults.
+            line = {"custom_id": cid, "result": result.model_dump(mode="json", exclude_unset=True)}
+            sink.write(orjson.dumps(line) + b"\n")
+            done += 1
+            counts[result.type] = counts.get(result.type, 0) + 1
+            # Redraw at most ten times a second: 100,000 answers must not mean 100,000 terminal writes.
+            now = time.monotonic()
+            if now - last_draw >= 0.1 or done == total:
+                last_draw = now
+                _bar(progress, done, total, counts)
     except ResultTimeout as exc:
         print(file=progress)
         raise ResultTimeout(exc.request_id, exc.timeout) from None
     sink.flush()
     print(file=progress)
     return 0 if counts.get("succeeded", 0) == total else 1
+
+
+async def _answers(
+    client: AsyncClient, ids: Iterator[str], timeout: float | None
+) -> AsyncIterator[tuple[str, Any]]:
+    """Each id's result as it arrives, with at most _WAIT_WINDOW waits outstanding."""
+    waiting: dict[asyncio.Task[Any], str] = {}
+    exhausted = False
+    try:
+        while waiting or not exhausted:
+            while not exhausted and len(waiting) < _WAIT_WINDOW:
+                cid = next(ids, None)
+                if cid is None:
+                    exhausted = True
+                    break
+                waiting[asyncio.create_task(client.result(cid, timeout=timeout))] = cid
+            if not waiting:
+                break
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                cid = waiting.pop(task)
+                yield cid, task.result()
+    finally:
+        for task in waiting:
+            task.cancel()
+
+
+def _chunks(
+    rows: Iterator[tuple[int, str, dict[str, Any]]],
+) -> Iterator[list[tuple[int, str, dict[str, Any]]]]:
+    chunk: list[tuple[int, str, dict[str, Any]]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= _SUBMIT_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _bar(stream: IO[str], done: int, total: int, counts: dict[str, int]) -> None:

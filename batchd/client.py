@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -27,6 +27,7 @@ from .errors import (
     QueueFull,
     RedisUnavailable,
     RequestCanceled,
+    RequestConflict,
     RequestErrored,
     RequestExpired,
     RequestFailed,
@@ -38,6 +39,7 @@ from .settings import Settings, load_settings, redact_url
 from .store import (
     CLIENT_SOCKET_TIMEOUT,
     CancelOutcome,
+    EnqueueConflict,
     EnqueueRefused,
     Keys,
     NewRequest,
@@ -55,6 +57,7 @@ T = TypeVar("T")
 # One Lua call carries at most this many requests: big enough to amortise the round trip, small enough
 # not to stall Redis for other clients.
 _SUBMIT_CHUNK = 500
+_SUBMIT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_RESULT_TIMEOUT = 600.0
 # SDK-only keyword arguments of messages.create that have no meaning inside a batch.
 _UNSUPPORTED_SDK_KWARGS = ("extra_headers", "extra_query")
@@ -161,21 +164,19 @@ class AsyncClient:
                     f"request is {len(body)} bytes; the queue holds at most "
                     f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}"
                 )
+        _refuse_conflicting_duplicates(rids, encoded)
         deadline = time.monotonic() + wait
         accepted: list[str] = []
-        for start in range(0, len(rids), _SUBMIT_CHUNK):
-            chunk = list(
-                zip(rids[start : start + _SUBMIT_CHUNK], encoded[start : start + _SUBMIT_CHUNK], strict=True)
-            )
+        for chunk in _chunks(list(zip(rids, encoded, strict=True))):
             backoff = 0.05
             while chunk:
-                queued = await self._enqueue(chunk)
+                queued = await self._enqueue(chunk, accepted)
                 if queued is None:
                     accepted.extend(rid for rid, _ in chunk)
                     break
                 # Refused whole: queue the part that fits now, wait for room for the rest.
                 fit = _fitting_prefix(chunk, *queued, cfg.max_queued_requests, cfg.max_queued_bytes)
-                if fit and await self._enqueue(chunk[:fit]) is None:
+                if fit and await self._enqueue(chunk[:fit], accepted) is None:
                     accepted.extend(rid for rid, _ in chunk[:fit])
                     chunk = chunk[fit:]
                     continue
@@ -191,9 +192,9 @@ class AsyncClient:
                 backoff = min(backoff * 2, 1.0)
         return rids
 
-    async def _enqueue(self, chunk: list[tuple[str, bytes]]) -> tuple[int, int] | None:
+    async def _enqueue(self, chunk: list[tuple[str, bytes]], accepted: list[str]) -> tuple[int, int] | None:
         """Queue the chunk atomically: None if it was written, else the queue's (requests, bytes) that
-        refused it (nothing written)."""
+        refused it (nothing written). Raises RequestConflict for a known id with other params."""
         async with redis_errors():
             reply = await self._store.scripts.enqueue(
                 [NewRequest(rid, body) for rid, body in chunk],
@@ -203,6 +204,8 @@ class AsyncClient:
             )
         if isinstance(reply, EnqueueRefused):
             return reply.queued_requests, reply.queued_bytes
+        if isinstance(reply, EnqueueConflict):
+            raise RequestConflict(chunk[reply.index][0], accepted)
         return None
 
     # --- results -------------------------------------------------------------------------------------------
@@ -216,19 +219,7 @@ class AsyncClient:
         """
         validate_request_id(request_id)
         self._check_open()
-
-        async def fetch() -> bytes | None:
-            line, known = await self._store.result_line(request_id)
-            if not known:
-                raise RequestNotFound(request_id)
-            return line
-
-        async with redis_errors():
-            # Until the shared subscription is live, look first: a down Redis fails fast, a known
-            # answer needs no subscription. After that, one round trip per wait (inside wait()).
-            line = None if self._waiter.subscribed else await fetch()
-            if line is None:
-                line = await self._waiter.wait(request_id, timeout, fetch)
+        line = await self._waiter.wait(request_id, timeout)
         if line is None:
             raise ResultTimeout(request_id, timeout if timeout is not None else float("inf"))
         return _parse(request_id, line)
@@ -306,6 +297,31 @@ def _is_not_given(value: object) -> bool:
 
 def parse_result_line(line: bytes) -> MessageBatchResult:
     return MessageBatchIndividualResponse.model_validate(orjson.loads(line)).result
+
+
+def _refuse_conflicting_duplicates(rids: Sequence[str], bodies: Sequence[bytes]) -> None:
+    """The same id twice in one call is one request, unless the params differ: refused before any write."""
+    if len(set(rids)) == len(rids):
+        return
+    first: dict[str, bytes] = {}
+    for rid, body in zip(rids, bodies, strict=True):
+        if first.setdefault(rid, body) != body:
+            raise RequestConflict(rid, [])
+
+
+def _chunks(items: list[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
+    """Cut a submit into Lua calls of at most _SUBMIT_CHUNK requests and _SUBMIT_CHUNK_BYTES bytes (one
+    huge request still goes alone): Redis buffers a whole call in memory before it runs it."""
+    chunk: list[tuple[str, bytes]] = []
+    size = 0
+    for item in items:
+        if chunk and (len(chunk) >= _SUBMIT_CHUNK or size + len(item[1]) > _SUBMIT_CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item[1])
+    if chunk:
+        yield chunk
 
 
 def _fitting_prefix(

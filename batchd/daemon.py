@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,11 +21,13 @@ import anthropic
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import jobs, metrics, systemd
+from . import jobs, metrics, replica, systemd
 from .accumulator import Accumulator
+from .apihealth import api_health
 from .batches import Context
 from .errors import ConfigError
 from .health import Health
+from .leases import LEASE_S
 from .logs import log_event, register_secret
 from .ops import start_ops_server
 from .settings import Settings, redact_url
@@ -42,6 +42,10 @@ _HEARTBEAT_S = 1.0
 # A replica whose heartbeat is older than this is stopped: its queued entries are claimed by the others.
 DEAD_AFTER_S = 10.0
 _LEASE_MS = 5000
+# /readyz checks that cost something (an API call) run at most this often; so does the policy re-check.
+_SLOW_CHECK_S = 30.0
+_SAFE_POLICIES = frozenset({"noeviction"})
+_STATUS_EVERY_S = 10.0
 
 
 class Daemon:
@@ -50,7 +54,8 @@ class Daemon:
             raise ConfigError("BATCHD_ANTHROPIC_API_KEY (or ANTHROPIC_API_KEY) is not set")
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.consumer = consumer or settings.replica_name or replica.default_name()
+        self._token = replica.new_token()
         self.health = Health()
         self.stop_event = asyncio.Event()
         self.metrics_port: int | None = None
@@ -89,18 +94,24 @@ class Daemon:
         server = await start_ops_server(s.metrics_host, s.metrics_port, self.health)
         self.metrics_port = server.port
         self.health.add_check("redis", self.redis.ping)
-        self.health.add_check("anthropic", self._check_api)
+        self.health.add_check("redis_policy", self._policy_ok, cache_seconds=_SLOW_CHECK_S)
+        # An authenticated API call: cached, so a probe every second does not cost a call every second.
+        self.health.add_check("anthropic", self._check_api, cache_seconds=_SLOW_CHECK_S)
         metrics.BUILD_INFO.info({"version": __version__})
+        arq_pool = jobs.connect(s.redis_url, self.keys)
         try:
-            await self._check_schema()
+            await self._when_reachable(self._check_schema)
+            await self._when_reachable(self._check_policy)
+            await self._when_reachable(self._claim_name)
+            await self._when_reachable(lambda: self._take_back_leftovers(arq_pool))
         except BaseException:
             await server.close()
+            await arq_pool.aclose(close_connection_pool=True)
             await self.redis.aclose(close_connection_pool=True)
             await self.api.close()
             raise
-        arq_pool = jobs.connect(s.redis_url, self.keys)
         scheduler = jobs.ArqScheduler(arq_pool, self.keys.arq_queue)
-        context = Context(self.store, s, self.api, scheduler)
+        context = Context(self.store, s, self.api, scheduler, replica=self.consumer)
 
         async def on_flush(fid: str, trigger: Trigger, n: int, nbytes: int) -> None:
             await scheduler.submit(fid)
@@ -126,14 +137,20 @@ class Daemon:
                 await jobs.abandon_worker(worker_box[0], arq_pool)
                 worker_box.clear()
             worker = jobs.build_worker(
-                context, arq_pool, queue_name=self.keys.arq_queue, job_timeout=s.job_timeout_seconds
+                context,
+                arq_pool,
+                queue_name=self.keys.arq_queue,
+                job_timeout=s.job_timeout_seconds,
+                lease_s=LEASE_S,
             )
             worker_box[:] = [worker]
             await worker.async_run()
 
         tasks = [
             asyncio.create_task(self._supervise("accumulator", lambda: accumulator.run(self.stop_event))),
-            asyncio.create_task(self._supervise("heartbeat", self._heartbeat)),
+            asyncio.create_task(
+                self._supervise("heartbeat", lambda: self._heartbeat(context, arq_pool, worker_box))
+            ),
             asyncio.create_task(self._supervise("worker", run_worker)),
         ]
         self._ready.set()
@@ -149,6 +166,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 # Gone from the heartbeat set: the other replicas claim this one's queued entries at once.
                 await self.store.forget_replica(self.consumer)
+                await self.store.release_replica(self.consumer, self._token)
             with contextlib.suppress(Exception):
                 await arq_pool.aclose(close_connection_pool=True)
             await self.redis.aclose(close_connection_pool=True)
@@ -157,20 +175,54 @@ class Daemon:
             log_event(log, "daemon.stopped", consumer=self.consumer)
         return 0
 
-    async def _check_schema(self) -> None:
-        """Refuse another batchd version's data; wait (stoppably) for Redis if it is not up yet."""
+    async def _when_reachable(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run a start-up step, waiting (stoppably) for Redis if it is not up yet."""
         backoff = 0.2
         while not self.stop_event.is_set():
             try:
-                await self.store.check_schema()
+                await step()
                 return
-            except SchemaMismatch as exc:
-                raise ConfigError(f"BATCHD_KEY_PREFIX: {exc}") from None
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("Redis unreachable at start (%s); retrying in %.1fs", exc, backoff)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), backoff)
             backoff = min(backoff * 2, 5.0)
+
+    async def _check_schema(self) -> None:
+        """Refuse another batchd version's data."""
+        try:
+            await self.store.check_schema()
+        except SchemaMismatch as exc:
+            raise ConfigError(f"BATCHD_KEY_PREFIX: {exc}") from None
+
+    async def _check_policy(self) -> None:
+        """Refuse an evicting Redis: it drops accepted work silently (an intake stream, a request record)."""
+        policy = await self.store.maxmemory_policy()
+        if policy in _SAFE_POLICIES:
+            return
+        if not self.settings.allow_evicting_redis:
+            raise ConfigError(
+                f"BATCHD_ALLOW_EVICTING_REDIS: Redis runs with maxmemory-policy {policy}, which can evict "
+                "queued work and answers; set maxmemory-policy noeviction "
+                "(or BATCHD_ALLOW_EVICTING_REDIS=true to run anyway)"
+            )
+        log.warning(
+            "Redis runs with maxmemory-policy %s: queued work may be evicted (allowed by setting)", policy
+        )
+
+    async def _policy_ok(self) -> bool:
+        policy = await self.store.maxmemory_policy()
+        if policy not in _SAFE_POLICIES and not self.settings.allow_evicting_redis:
+            raise ValueError(f"maxmemory-policy {policy} can evict queued work (set noeviction)")
+        return True
+
+    async def _claim_name(self) -> None:
+        await replica.claim_name(
+            self.store, self.consumer, self._token, give_up=lambda: self.stop_event.is_set()
+        )
+
+    async def _take_back_leftovers(self, arq_pool: Any) -> None:
+        await replica.take_back_leftovers(self.store, self.consumer, arq_pool)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: stopping", sig.name)
@@ -219,12 +271,32 @@ class Daemon:
                 await asyncio.wait_for(self.stop_event.wait(), backoff)
             backoff = min(backoff * 2, 10.0)
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, context: Context, arq_pool: Any, worker_box: list[Any]) -> None:
         watchdog = systemd.watchdog_interval()
-        last_ping = 0.0
+        last_ping = last_status = 0.0
         was_leader = False
         while not self.stop_event.is_set():
             await self.store.heartbeat(self.consumer, now_ms())
+            if not await self.store.renew_replica(self.consumer, self._token, ms=int(LEASE_S * 1000)):
+                log.error("replica %s: another process took this replica's name; stopping", self.consumer)
+                self.stop_event.set()
+                return
+            await context.leases.renew()
+            api = api_health.alarm()
+            if time.monotonic() - last_status >= _STATUS_EVERY_S:
+                last_status = time.monotonic()
+                await self.store.note_replica_status(
+                    self.consumer,
+                    api_healthy=api.healthy,
+                    api_failing_s=api.failing_for_s,
+                    api_error=api.last_error,
+                    ms=int(_STATUS_EVERY_S * 3 * 1000),
+                )
+                await self._recheck_policy()
+            if worker_box:
+                await jobs.renew_job_leases(
+                    worker_box[0], arq_pool, self.keys, self.consumer, lease_s=LEASE_S
+                )
             leader = await self.store.take_metrics_lease(self.consumer, ms=_LEASE_MS)
             if leader:
                 metrics.queue_gauges.update(await self.snapshot())
@@ -237,6 +309,16 @@ class Daemon:
                 last_ping = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), _HEARTBEAT_S)
+
+    async def _recheck_policy(self) -> None:
+        # maxmemory-policy can change at run time (CONFIG SET): an evicting one is an emergency.
+        if self.settings.allow_evicting_redis:
+            return
+        policy = await self.store.maxmemory_policy()
+        if policy not in _SAFE_POLICIES:
+            log.error(
+                "Redis now runs with maxmemory-policy %s: queued work can be evicted; set noeviction", policy
+            )
 
     async def snapshot(self) -> QueueSnapshot:
         return await self.store.snapshot(dead_after_ms=int(DEAD_AFTER_S * 1000))

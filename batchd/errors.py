@@ -6,6 +6,7 @@ BatchdError
 ├── InvalidRequest           refused at submit; nothing was written
 │   ├── InvalidParams        not a mapping, missing model/max_tokens/messages, stream, not JSON
 │   ├── InvalidRequestId     outside [A-Za-z0-9_-]{1,60}
+│   ├── RequestConflict      a request id already known with other params
 │   └── RequestTooLarge      bigger than one batch may hold
 ├── QueueFull                backpressure: the queue cap was reached (and the wait, if any, ran out)
 ├── RedisUnavailable         Redis could not be reached or refused the write (e.g. out of memory)
@@ -29,6 +30,7 @@ __all__ = [
     "QueueFull",
     "RedisUnavailable",
     "RequestCanceled",
+    "RequestConflict",
     "RequestErrored",
     "RequestExpired",
     "RequestFailed",
@@ -64,6 +66,20 @@ class InvalidRequestId(InvalidRequest):
 
 class RequestTooLarge(InvalidRequest):
     pass
+
+
+class RequestConflict(InvalidRequest):
+    """A request id that batchd already knows was submitted again with other params. Nothing of the call
+    that hit it was written, but ``accepted`` lists the ids of earlier chunks of a ``submit_many`` that were
+    queued before it (as QueueFull does)."""
+
+    def __init__(self, request_id: str, accepted: list[str] | None = None) -> None:
+        super().__init__(
+            f"request id {request_id!r} is already known with other params: submit the same params to "
+            "collect its answer, or use another id"
+        )
+        self.request_id = request_id
+        self.accepted = list(accepted or [])
 
 
 class QueueFull(BatchdError):

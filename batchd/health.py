@@ -34,10 +34,12 @@ class _Loop:
     last_beat: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Check:
     fn: CheckFn
     timeout: float
+    cache_seconds: float
+    last: tuple[float, dict[str, Any]] | None = None  # (when, outcome) of the last run
 
 
 def _describe(exc: BaseException) -> str:
@@ -95,13 +97,25 @@ class Health:
         return not stale, body
 
     # --- readiness ------------------------------------------------------------------------------------------
-    def add_check(self, name: str, check: CheckFn, *, timeout: float = DEFAULT_CHECK_TIMEOUT) -> None:
-        """Run ``await check()`` on every ``/readyz``, ``timeout`` seconds at most (same name: replaced)."""
+    def add_check(
+        self, name: str, check: CheckFn, *, timeout: float = DEFAULT_CHECK_TIMEOUT, cache_seconds: float = 0.0
+    ) -> None:
+        """Run ``await check()`` on ``/readyz``, ``timeout`` seconds at most (same name: replaced). With
+        ``cache_seconds``, a probe within that long of the last run gets the last outcome (a check that costs
+        something, such as an authenticated API call, must not run once per unauthenticated probe)."""
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        self._checks[name] = _Check(fn=check, timeout=timeout)
+        self._checks[name] = _Check(fn=check, timeout=timeout, cache_seconds=cache_seconds)
 
     async def _run(self, check: _Check) -> dict[str, Any]:
+        now = self._clock()
+        if check.last is not None and now - check.last[0] < check.cache_seconds:
+            return check.last[1]
+        outcome = await self._run_now(check)
+        check.last = (now, outcome)
+        return outcome
+
+    async def _run_now(self, check: _Check) -> dict[str, Any]:
         deadline = asyncio.timeout(check.timeout)
         try:
             async with deadline:

@@ -26,6 +26,7 @@ from redis.asyncio.client import Pipeline
 
 from . import batches
 from .batches import Context, RetryLater
+from .leases import LEASE_S
 from .store import Keys, connection_pool
 
 __all__ = ["ArqScheduler", "abandon_worker", "build_worker", "connect"]
@@ -117,16 +118,24 @@ def _context(ctx: dict[str, Any]) -> Context:
     return context
 
 
+async def _registered(ctx: dict[str, Any]) -> Context:
+    """The job's Context, once the job is noted as running on this replica: a restart under the same name
+    frees it at once (the heartbeat keeps the note current; this covers the second before its next beat)."""
+    context = _context(ctx)
+    await context.store.note_running_job(context.replica, str(ctx["job_id"]), ms=int(LEASE_S * 1000))
+    return context
+
+
 async def _submit_flush(ctx: dict[str, Any], fid: str) -> str:
     try:
-        return await batches.submit_flush(_context(ctx), fid)
+        return await batches.submit_flush(await _registered(ctx), fid)
     except RetryLater as exc:
         raise Retry(defer=exc.defer) from exc
 
 
 async def _poll_batch(ctx: dict[str, Any], batch_id: str) -> str:
     try:
-        return await batches.poll_batch(_context(ctx), batch_id)
+        return await batches.poll_batch(await _registered(ctx), batch_id)
     except RetryLater as exc:
         raise Retry(defer=exc.defer) from exc
 
@@ -142,6 +151,7 @@ def build_worker(
     queue_name: str,
     max_jobs: int = 10,
     job_timeout: float = 900.0,
+    lease_s: float = 15.0,
     reconcile_every_s: int = 5,
 ) -> Worker:
     """An arq Worker for the batch jobs. Signals are the daemon's business, not arq's."""
@@ -150,9 +160,8 @@ def build_worker(
         func(_poll_batch, name="poll_batch", max_tries=_MANY_TRIES, keep_result=0, timeout=job_timeout),
     ]
     seconds = set(range(0, 60, max(1, reconcile_every_s)))
-    return Worker(
+    worker = Worker(
         functions,
-        # arq's in-progress TTL is the largest timeout of all functions (+10 s): the cron's stays below.
         cron_jobs=[
             cron(
                 _reconcile,
@@ -173,11 +182,41 @@ def build_worker(
         job_deserializer=_loads,
         log_results=False,
     )
+    # arq marks a job running with an in-progress key that lives for the longest job timeout (+10 s), so a
+    # job whose replica dies, or whose finish a Redis outage swallowed, would wait that long to run again.
+    # Make it a lease instead: short, renewed every heartbeat while the job really runs (renew_job_leases).
+    worker.in_progress_timeout_s = lease_s
+    return worker
+
+
+async def renew_job_leases(
+    worker: Worker, pool: ArqRedis, keys: Keys, replica: str, *, lease_s: float
+) -> None:
+    """Extend the in-progress lease of every job this replica is running, and note their ids under the
+    replica's name (so a restart under that name frees them at once: release_leftovers)."""
+    running = [job_id for job_id, task in worker.tasks.items() if not task.done()]
+    ms = int(lease_s * 1000)
+    registry = keys.replica_jobs(replica)
+    async with pool.pipeline(transaction=True) as pipe:
+        for job_id in running:
+            pipe.pexpire(in_progress_key_prefix + job_id, ms)
+        pipe.delete(registry)
+        if running:
+            pipe.sadd(registry, *running)
+            pipe.pexpire(registry, ms)
+        await pipe.execute()
+
+
+async def release_leftovers(pool: ArqRedis, job_ids: list[str]) -> None:
+    """Free the in-progress leases of jobs that are known not to run any more (a restart under the same
+    replica name), so any replica runs them now."""
+    if job_ids:
+        await pool.delete(*(in_progress_key_prefix + job_id for job_id in job_ids))
 
 
 async def abandon_worker(worker: Worker, pool: ArqRedis) -> None:
     """Stop what a dead worker was still running and free the in-progress keys of the jobs it did not
-    finish, so the next worker runs them now rather than after their in-progress TTL (timeout + 10 s)."""
+    finish, so the next worker runs them now rather than when their lease lapses."""
     tasks = dict(worker.tasks)
     for task in tasks.values():
         task.cancel()

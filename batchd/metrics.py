@@ -16,20 +16,23 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import anthropic
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import pricing
+from .apihealth import api_health
 from .store import QueueSnapshot
 from .version import __version__
 
 __all__ = [
     "API_ERRORS",
     "API_ERROR_KINDS",
+    "API_HEALTHY",
     "API_OPS",
     "API_REQUESTS",
     "BATCHES_CREATED",
+    "BATCHES_LOST",
     "BATCH_REQUESTS",
     "BATCH_TRIGGERS",
     "BUILD_INFO",
@@ -48,6 +51,7 @@ __all__ = [
     "QueueGauges",
     "classify_api_error",
     "count_api_error",
+    "count_api_success",
     "model_label",
     "queue_gauges",
     "record_usage",
@@ -87,6 +91,12 @@ BATCHES_CREATED = Counter(
     "batchd_batches_created_total",
     "Message Batches created, by the limit that closed them. trigger: count|bytes|age.",
     ["trigger"],
+    registry=REGISTRY,
+)
+BATCHES_LOST = Counter(
+    "batchd_batches_lost_total",
+    "Batches the API no longer had (404 long after create, deleted or forgotten); their requests went back "
+    "to the queue.",
     registry=REGISTRY,
 )
 BATCH_REQUESTS = Histogram(
@@ -154,6 +164,13 @@ API_ERRORS = Counter(
     registry=REGISTRY,
 )
 BUILD_INFO = Info("batchd_build", "The running batchd version.", registry=REGISTRY)
+API_HEALTHY = Gauge(
+    "batchd_api_healthy",
+    "1 while this replica's calls to the Anthropic API succeed, 0 once they all fail (no answer, 401, 403, "
+    "429, 5xx) until one succeeds again.",
+    registry=REGISTRY,
+)
+API_HEALTHY.set(1)
 
 
 BUILD_INFO.info({"version": __version__})
@@ -224,7 +241,16 @@ def count_api_error(op: str, exc: BaseException) -> str:
     """Count one failed API call (``op`` in :data:`API_OPS`) and return its kind."""
     kind = classify_api_error(exc)
     API_ERRORS.labels(op=op, kind=kind).inc()
+    status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else None
+    api_health.failed(status, f"{op}: {status or type(exc).__name__} {kind}")
+    API_HEALTHY.set(api_health.state().healthy)
     return kind
+
+
+def count_api_success(op: str) -> None:
+    """One API call answered (``op`` in :data:`API_OPS`); failures are counted by count_api_error."""
+    api_health.succeeded()
+    API_HEALTHY.set(1)
 
 
 def record_usage(model: str, usage: Mapping[str, Any]) -> float | None:

@@ -24,6 +24,8 @@ __all__ = ["API_MAX_BATCH_BYTES", "API_MAX_BATCH_REQUESTS", "Settings", "load_se
 
 API_MAX_BATCH_REQUESTS = 100_000
 API_MAX_BATCH_BYTES = 256 * 1024 * 1024  # 268,435,456: the API's hard limit on a create body
+# A submit job does more than its create call (settle an unknown create, build the body, record the batch).
+_CREATE_JOB_MARGIN_S = 60.0
 # Default leaves ~6 % for the envelope and headers, and for clients sized by another replica's settings.
 DEFAULT_MAX_BATCH_BYTES = 250_000_000
 
@@ -62,6 +64,8 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
         populate_by_name=True,
+        # inf or nan as a timeout or poll interval only ever means a mistake (a crash loop at best).
+        allow_inf_nan=False,
     )
 
     # Where the queue lives. rediss:// and user:password@ (ACL) URLs are passed to redis-py as they are.
@@ -78,8 +82,8 @@ class Settings(BaseSettings):
     max_batch_requests: int = Field(default=10_000, ge=1, le=API_MAX_BATCH_REQUESTS)
     max_batch_bytes: int = Field(default=DEFAULT_MAX_BATCH_BYTES, ge=1024, le=API_MAX_BATCH_BYTES)
     max_batch_age_seconds: float = Field(default=30.0, gt=0, le=86_400)
-    poll_min_seconds: float = Field(default=2.0, gt=0)
-    poll_max_seconds: float = Field(default=60.0, gt=0)
+    poll_min_seconds: float = Field(default=2.0, gt=0, le=3600)
+    poll_max_seconds: float = Field(default=60.0, gt=0, le=3600)
     result_ttl_seconds: int = Field(default=7 * 86_400, ge=60)
     max_attempts: int = Field(default=3, ge=1, le=20)
 
@@ -91,10 +95,19 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9464, ge=0, le=65_535)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
-    # Longest run of one job (a create upload, a results fan-out). A replica killed mid-job leaves the job
-    # to be re-run after this (plus 10 s), so it also bounds recovery time after a crash.
-    job_timeout_seconds: float = Field(default=300.0, ge=5)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # This replica's name: its intake consumer, heartbeat and leases. A restarted replica with the same name
+    # takes its own leftovers back at once; give each replica on one host its own (default: the host name).
+    replica_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.@:-]{1,64}$")
+    # Longest one batches.create call may take, upload included. Its outcome stays unknown until then, and
+    # batchd never creates that flush again while a batch from it could still appear.
+    create_timeout_seconds: float = Field(default=300.0, ge=5, le=3600)
+    # Longest run of one job (a create with its upload, a results fan-out), after which it is cancelled and
+    # run again. Recovery after a crash does not wait for it: a job's lease lapses within 15 s.
+    job_timeout_seconds: float = Field(default=600.0, ge=10, le=86_400)
+    # Redis must not evict (an evicted intake stream loses accepted work): the daemon refuses to start on an
+    # evicting maxmemory-policy unless this is true.
+    allow_evicting_redis: bool = False
 
     @field_validator("poll_max_seconds")
     @classmethod
@@ -103,6 +116,31 @@ class Settings(BaseSettings):
         if low is not None and value < low:
             raise ValueError(f"must be >= poll_min_seconds ({low:g})")
         return value
+
+    @field_validator("job_timeout_seconds")
+    @classmethod
+    def _job_outlasts_create(cls, value: float, info: ValidationInfo) -> float:
+        create = info.data.get("create_timeout_seconds")
+        if create is not None and value < create + _CREATE_JOB_MARGIN_S:
+            least = create + _CREATE_JOB_MARGIN_S
+            raise ValueError(
+                f"must be >= create_timeout_seconds + {_CREATE_JOB_MARGIN_S:g} ({least:g}): "
+                "a create job must never be cancelled while its create call may still succeed"
+            )
+        return value
+
+    @field_validator("anthropic_api_key")
+    @classmethod
+    def _strip_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A key pasted with a trailing newline (an env file, `echo key > file`) is a key, not a new header.
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if not key:
+            raise ValueError("is empty")
+        if any(c.isspace() for c in key):
+            raise ValueError("contains whitespace inside the key")
+        return SecretStr(key)
 
     @classmethod
     def settings_customise_sources(
@@ -153,7 +191,7 @@ _CONFIG_PATH_OVERRIDE: str | None = None
 # Env names, for error messages: BATCHD_<FIELD>.
 def _env_name(loc: tuple[int | str, ...]) -> str:
     field = str(loc[0]) if loc else "?"
-    if field == "anthropic_api_key":
+    if field.lower() in ("anthropic_api_key", "batchd_anthropic_api_key"):  # the field, or one of its aliases
         return "BATCHD_ANTHROPIC_API_KEY"
     return f"BATCHD_{field.upper()}"
 

@@ -31,9 +31,23 @@ async def collect_status(store: Store, *, dead_after_s: float = 10.0) -> dict[st
             }
         )
     replicas = []
+    statuses = await store.replica_statuses(list(snap.replicas))
     for name, beat in snap.replicas.items():
         age = (now_ms - beat) / 1000
-        replicas.append({"name": name, "last_seen_seconds": round(age, 1), "alive": age < dead_after_s})
+        entry: dict[str, Any] = {
+            "name": name,
+            "last_seen_seconds": round(age, 1),
+            "alive": age < dead_after_s,
+        }
+        said = statuses.get(name)
+        if said is not None:
+            entry["api"] = {
+                "healthy": said.get("api_healthy") == "1",
+                "failing_seconds": int(said.get("api_failing_s") or 0),
+                "last_error": said.get("api_error", ""),
+            }
+        replicas.append(entry)
+    policy = await store.maxmemory_policy()
     oldest = snap.oldest_age_seconds
     return {
         "queue": {
@@ -46,6 +60,8 @@ async def collect_status(store: Store, *, dead_after_s: float = 10.0) -> dict[st
         "open_batches": {"count": snap.open_batches, "batches": open_batches},
         "recent_flushes": [f.as_dict() for f in await store.recent_flushes(_RECENT_SHOWN)],
         "replicas": replicas,
+        # An evicting policy drops queued work silently: the daemon refuses it unless told otherwise.
+        "redis": {"maxmemory_policy": policy, "evicting": policy != "noeviction"},
     }
 
 
@@ -71,5 +87,11 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"replicas ({sum(r['alive'] for r in status['replicas'])} alive):")
     for r in status["replicas"]:
         state = "alive" if r["alive"] else "stopped"
+        api = r.get("api")
+        if api is not None and not api["healthy"]:
+            state += f"; ANTHROPIC API FAILING for {api['failing_seconds']}s ({api['last_error']})"
         lines.append(f"  {r['name']}  {state}, last seen {r['last_seen_seconds']}s ago")
+    redis = status["redis"]
+    warning = "  WARNING: evicting, queued work can be lost" if redis["evicting"] else ""
+    lines.append(f"redis:         maxmemory-policy {redis['maxmemory_policy']}{warning}")
     return "\n".join(lines)

@@ -1,10 +1,13 @@
-"""Waiting for results: every waiter in a process shares one pub/sub connection.
+"""Waiting for results: every waiter in a process shares one pub/sub connection and batched reads.
 
 The deliver script publishes each answered request id on one channel. One listener task per client
 subscribes, and on each id wakes the futures waiting for it, fetching results with one MGET per burst of
-ids. A waiter checks the result key itself *after* the subscription is live, so an answer that landed
-before it started waiting is never missed; after every (re)subscription, and every ``sweep_seconds``, the
-listener re-checks all pending ids, so a message lost while disconnected costs a delay, not an answer.
+ids. A new waiter is checked by a second task that reads the result keys of every waiter registered since
+its last round in one MGET (and, for those not answered, whether the request still exists), so 100,000
+callers cost about a hundred round trips, not 100,000 (nor a connection each). After every
+(re)subscription, and every ``sweep_seconds``, the listener re-checks all pending ids: a message lost while
+disconnected costs a delay, not an answer, and a request that vanished (evicted, expired, lost with a Redis
+that restarted empty) ends its waiters with RequestNotFound instead of a wait for ever.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import ClientClosed
+from .errors import ClientClosed, RedisUnavailable, RequestNotFound
 from .store import Store, text
 
 __all__ = ["ResultWaiter"]
@@ -31,52 +34,38 @@ class ResultWaiter:
         self._store = store
         self._sweep_seconds = sweep_seconds
         self._pending: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._to_check: set[str] = set()
+        self._check_wanted = asyncio.Event()
         self._subscribed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._fail_fast: set[asyncio.Future[bytes]] = set()
+        self._checked_once = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
-    @property
-    def subscribed(self) -> bool:
-        return self._subscribed.is_set()
-
-    async def wait(
-        self, rid: str, timeout: float | None, fetch: Callable[[], Awaitable[bytes | None]]
-    ) -> bytes | None:
+    async def wait(self, rid: str, timeout: float | None) -> bytes | None:
         """The stored results line for ``rid``, or None if ``timeout`` passes first.
 
-        ``fetch`` reads the result key; it runs once the subscription is live and this waiter is
-        registered, so an answer is either already stored or announced to the listener: never missed.
-        Raises ClientClosed if the waiter is closed meanwhile.
+        Raises RequestNotFound if batchd does not know the request (or it vanished while waited for),
+        RedisUnavailable if Redis cannot be read before the shared subscription is up, ClientClosed if the
+        client is closed meanwhile.
         """
         if self._closing:
             raise ClientClosed("this batchd client is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(rid, []).append(future)
+        if not self._subscribed.is_set():
+            # Not listening (yet, or Redis is gone): if the first read fails too, say so at once.
+            self._fail_fast.add(future)
+        self._to_check.add(rid)
+        self._check_wanted.set()
         try:
-            self._ensure_listener()
+            self._ensure_tasks()
             async with asyncio.timeout(timeout):
-                if not self._subscribed.is_set():
-                    # Wait for the subscription, unless close() answers this future first.
-                    subscribed = asyncio.ensure_future(self._subscribed.wait())
-                    either: set[asyncio.Future[Any]] = {subscribed, future}
-                    try:
-                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        subscribed.cancel()
-                    if future.done():
-                        return future.result()
-                try:
-                    line = await fetch()
-                except (RedisConnectionError, RedisTimeoutError, OSError):
-                    # Lost Redis just now: the listener re-checks every pending id once it reconnects.
-                    line = None
-                if line is not None:
-                    return line
                 return await future
         except TimeoutError:
             return None
         finally:
+            self._fail_fast.discard(future)
             waiters = self._pending.get(rid, [])
             if future in waiters:
                 waiters.remove(future)
@@ -87,29 +76,58 @@ class ResultWaiter:
     def waiting(self) -> int:
         return sum(len(v) for v in self._pending.values())
 
-    def _ensure_listener(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._listen(), name="batchd-result-listener")
+    def _ensure_tasks(self) -> None:
+        if not self._tasks or any(t.done() for t in self._tasks):
+            for task in self._tasks:
+                task.cancel()
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._listen(), name="batchd-result-listener"),
+                loop.create_task(self._check_new(), name="batchd-result-checker"),
+            ]
 
     async def close(self) -> None:
-        """Stop listening; every call still waiting raises ClientClosed at once."""
+        """Stop; every call still waiting raises ClientClosed at once."""
         self._closing = True
-        for futures in self._pending.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(ClientClosed("the batchd client was closed while waiting"))
-        task, self._task = self._task, None
-        # Cancel until it is done: redis-py can swallow a cancellation that lands inside a command.
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.5)
-        if task is not None and not task.cancelled():
-            with contextlib.suppress(Exception):
-                task.result()
+        self._fail(self._pending, lambda _rid: ClientClosed("the batchd client was closed while waiting"))
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            # Cancel until it is done: redis-py can swallow a cancellation that lands inside a command.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
+            if not task.cancelled():
+                with contextlib.suppress(Exception):
+                    task.result()
+
+    # --- the two tasks -------------------------------------------------------------------------------------
+    async def _check_new(self) -> None:
+        """Check newly registered waiters in batches: answered already, unknown, or to be woken later."""
+        while not self._closing:
+            await self._check_wanted.wait()
+            self._check_wanted.clear()
+            rids, self._to_check = self._to_check, set()
+            try:
+                await self._fetch(rids, check_known=True)
+            except (RedisError, OSError) as exc:
+                # Calls made while not listening fail at once; the others wait: the listener re-checks every
+                # pending id once it has Redis again.
+                batch = {rid: [f for f in self._pending.get(rid, []) if f in self._fail_fast] for rid in rids}
+                reason = f"Redis is unreachable: {exc}"
+
+                def unavailable(_rid: str, reason: str = reason) -> BaseException:
+                    return RedisUnavailable(reason)
+
+                self._fail(batch, unavailable)
+            finally:
+                self._checked_once.set()
 
     async def _listen(self) -> None:
         backoff = 0.1
         channel = self._store.keys.delivered_channel
+        # Subscribe after the first callers' own reads, as a single call would: a Redis that is down then
+        # fails those calls at once instead of being waited on.
+        await self._checked_once.wait()
         while not self._closing:
             pubsub = self._store.redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -129,7 +147,7 @@ class ResultWaiter:
                         # Drain what is already buffered so one MGET serves the burst.
                         message = await pubsub.get_message(timeout=0)
                     if ids:
-                        await self._fetch(list(ids))
+                        await self._fetch(ids, check_known=False)
                     if loop.time() >= next_sweep:
                         await self._sweep()
                         next_sweep = loop.time() + self._sweep_seconds
@@ -145,12 +163,39 @@ class ResultWaiter:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _sweep(self) -> None:
-        await self._fetch(list(self._pending))
+        await self._fetch(set(self._pending), check_known=True)
 
-    async def _fetch(self, rids: list[str]) -> None:
-        for rid, value in zip(rids, await self._store.result_lines(rids), strict=True):
+    async def _fetch(self, rids: Iterable[str], *, check_known: bool) -> None:
+        """Resolve the waiters of ``rids`` that have an answer; with ``check_known``, fail those whose
+        request batchd no longer knows."""
+        wanted = [rid for rid in rids if rid in self._pending]
+        if not wanted:
+            return
+        missing: list[str] = []
+        for rid, value in zip(wanted, await self._store.result_lines(wanted), strict=True):
             if value is None:
+                missing.append(rid)
                 continue
             for future in self._pending.get(rid, []):
                 if not future.done():
                     future.set_result(value)
+        if check_known and missing:
+            known = await self._store.known_requests(missing)
+            gone = [rid for rid in missing if rid not in known]
+            if gone:
+                # Answered between the two reads? Then its result is there now: read once more.
+                for rid, value in zip(gone, await self._store.result_lines(gone), strict=True):
+                    for future in self._pending.get(rid, []):
+                        if future.done():
+                            continue
+                        if value is None:
+                            future.set_exception(RequestNotFound(rid))
+                        else:
+                            future.set_result(value)
+
+    @staticmethod
+    def _fail(pending: dict[str, list[asyncio.Future[bytes]]], error: Callable[[str], BaseException]) -> None:
+        for rid, futures in pending.items():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error(rid))

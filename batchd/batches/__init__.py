@@ -6,7 +6,8 @@ killed half-way simply runs again. A job asks to run again later by raising Retr
 
 from .context import Context, RetryLater, Scheduler
 from .create import submit_flush
-from .fanout import deliver_lines, fanout_results
+from .deliver import deliver_lines
+from .fanout import fanout_results
 from .poll import poll_batch
 from .reconciler import reconcile
 

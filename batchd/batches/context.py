@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anthropic
 
+from ..leases import Leases
 from ..settings import Settings
 from ..store import Store
 
@@ -37,6 +38,12 @@ class Context:
     settings: Settings
     api: anthropic.AsyncAnthropic
     scheduler: Scheduler
+    replica: str = "test"
+    leases: Leases = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The daemon's heartbeat renews these; without a daemon (tests, tools) a lease simply lasts LEASE_S.
+        self.leases = Leases(self.store)
 
 
 def retryable_status(status: int) -> bool:

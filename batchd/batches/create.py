@@ -7,6 +7,7 @@ flush from the intent until the outcome is recorded, and only that flush may ado
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 
@@ -18,10 +19,10 @@ from ..batchbody import build_body
 from ..logs import log_event
 from ..store import FlushItem, FlushRecord, FlushState, custom_id_for, now_ms
 from .context import Context, RetryLater, backoff, retry_after, retryable_status
-from .fanout import deliver_lines
+from .deliver import deliver_lines
 from .resultline import errored_line
 
-__all__ = ["submit_flush"]
+__all__ = ["LIST_LAG_S", "SETTLE_S", "submit_flush"]
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ _STATUS_ERROR_TYPES = {
 }
 # When looking for an orphan of an interrupted create: allow this much clock skew against the API.
 _ORPHAN_SKEW_S = 300.0
-# An unknown create is looked for in the list for at least this long before creating again.
-_LIST_GRACE_S = 3.0
+# How long after a create attempt ended without a known outcome a batch it made may still appear in the
+# list: the API finishing a body it had whole, then listing it. Until then nothing is created again.
+SETTLE_S = 15.0
+# The same after the API had replied (an error: it was done with the body): only the list's own lag.
+LIST_LAG_S = 3.0
 # Statuses that mean the API refused the create outright: nothing was created, the outcome is known.
 _NOT_CREATED_STATUS = frozenset({429, 529})
 _DELIVER_CHUNK = 500
@@ -53,11 +57,10 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         return "missing"
     if flush.state not in (FlushState.SEALED, FlushState.SUBMITTING):
         return flush.state.value  # building (the reconciler seals it), submitted, failed, empty, done
-    # The lock outlives the job's timeout: a live holder is never overtaken; a dead one frees it then.
-    lock_ms = int((ctx.settings.job_timeout_seconds + 30) * 1000)
-    if not await store.take_create_lock(fid, ms=lock_ms):
-        raise RetryLater(0.2 + random.random() * 0.5, "another create is in flight")
-    try:
+    # A lease, renewed while this replica lives: a live holder is never overtaken, a dead one's lapses.
+    async with ctx.leases.hold(store.keys.create_lock, f"{ctx.replica}|{fid}") as held:
+        if not held:
+            raise RetryLater(0.2 + random.random() * 0.5, "another create is in flight")
         adopted = await _settle_inflight_create(ctx)
         if adopted is not None and adopted[0] == fid:
             return adopted[1]
@@ -67,39 +70,54 @@ async def submit_flush(ctx: Context, fid: str) -> str:
             return FlushState.EMPTY.value
         body = build_body((custom_id_for(i.rid, i.attempt).encode(), i.body) for i in items)
         # From here until the outcome is known, this is the one create that may be unrecorded.
-        await store.begin_create(fid, sent=len(items), body_bytes=len(body))
+        await store.begin_create(fid, sent=len(items), body_bytes=len(body), by=ctx.replica)
         metrics.API_REQUESTS.labels(op="create").inc()
         try:
-            batch = await ctx.api.post(
-                "/v1/messages/batches",
-                cast_to=MessageBatch,
-                content=body,
-                # No SDK retries: a retried POST without an idempotency key can create the batch twice.
-                options={
-                    "max_retries": 0,
-                    "timeout": ctx.settings.job_timeout_seconds,
-                    "headers": {"Content-Type": "application/json"},
-                },
-            )
+            batch = await _create(ctx, body)
         except anthropic.APIStatusError as exc:
             metrics.count_api_error("create", exc)
             if retryable_status(exc.status_code):
                 if exc.status_code in _NOT_CREATED_STATUS:
                     await store.clear_inflight_create()
+                else:
+                    await store.end_create_attempt(fid, answered=True)
                 errors = await store.count_flush_error(fid)
                 raise RetryLater(
                     retry_after(exc) or backoff(errors), f"create: HTTP {exc.status_code}"
                 ) from exc
             await _fail_flush(ctx, fid, items, exc)
             return FlushState.FAILED.value
-        except anthropic.APIConnectionError as exc:
+        except (anthropic.APIConnectionError, TimeoutError) as exc:
+            # A timeout or a broken connection says nothing of what the API did with the body.
             metrics.count_api_error("create", exc)
+            await store.end_create_attempt(fid, answered=False)
             errors = await store.count_flush_error(fid)
             raise RetryLater(backoff(errors), f"create: {type(exc).__name__}") from exc
+        except asyncio.CancelledError:
+            # The job is being stopped (its timeout, a shutdown): the create may still land; say when the
+            # attempt ended, so the next one waits for it rather than creating again.
+            await asyncio.shield(store.end_create_attempt(fid, answered=False))
+            raise
+        metrics.count_api_success("create")
         await _record(ctx, flush, batch, requests=len(items), adopted=False)
         return batch.id
-    finally:
-        await store.release_create_lock(fid)
+
+
+async def _create(ctx: Context, body: bytes) -> MessageBatch:
+    """One batches.create call, bounded in total by create_timeout_seconds (the SDK's timeouts bound each
+    read or write, not the whole upload)."""
+    async with asyncio.timeout(ctx.settings.create_timeout_seconds):
+        return await ctx.api.post(
+            "/v1/messages/batches",
+            cast_to=MessageBatch,
+            content=body,
+            # No SDK retries: a retried POST without an idempotency key can create the batch twice.
+            options={
+                "max_retries": 0,
+                "timeout": ctx.settings.create_timeout_seconds,
+                "headers": {"Content-Type": "application/json"},
+            },
+        )
 
 
 async def _settle_inflight_create(ctx: Context) -> tuple[str, str] | None:
@@ -107,7 +125,10 @@ async def _settle_inflight_create(ctx: Context) -> tuple[str, str] | None:
     API and record it for *that* flush. Returns (fid, batch id) when a batch was adopted.
 
     Only the flush named in-flight can have an unrecorded batch: no other flush can adopt it, and a flush
-    that is merely 'submitting' without being named simply creates again.
+    that is merely 'submitting' without being named simply creates again. Nothing is created while a batch
+    from that attempt could still appear: until ``LIST_LAG_S`` after the API replied with an error, or
+    ``SETTLE_S`` after the attempt ended otherwise (its call timed out or broke, or its replica died and
+    its create lease lapsed).
     """
     store = ctx.store
     fid = await store.inflight_create()
@@ -117,13 +138,27 @@ async def _settle_inflight_create(ctx: Context) -> tuple[str, str] | None:
     adopted: tuple[str, str] | None = None
     if flush is not None and flush.state is FlushState.SUBMITTING and flush.intent_ms is not None:
         orphan = await _find_orphan(ctx, flush.intent_ms, flush.sent or 0)
-        if orphan is None and now_ms() - flush.intent_ms < _LIST_GRACE_S * 1000:
-            # A batch created a moment ago may not be listed yet: look again shortly, not create now.
-            raise RetryLater(_LIST_GRACE_S / 2, "the last create's outcome is unknown; checking again")
         if orphan is not None:
             log.warning("flush %s: adopting batch %s created by an interrupted submit", fid, orphan.id)
             await _record(ctx, flush, orphan, requests=flush.sent or flush.requests, adopted=True)
             adopted = (fid, orphan.id)
+        else:
+            ended, answered = flush.attempt_ended_ms, flush.attempt_answered
+            if ended is None:
+                # The attempt never said how it ended: its replica died or stalled and its create lease
+                # lapsed (this replica holds the lock now), so its connection is gone by now.
+                ended = await store.end_create_attempt(fid, answered=False)
+                log.warning(
+                    "flush %s: the create attempted by %s at %s ended without an outcome; "
+                    "waiting %gs for a batch it may have made before creating again",
+                    fid,
+                    flush.attempt_by or "?",
+                    flush.intent_ms,
+                    SETTLE_S,
+                )
+            remaining = (ended + (LIST_LAG_S if answered else SETTLE_S) * 1000 - now_ms()) / 1000
+            if remaining > 0:
+                raise RetryLater(min(2.0, remaining), "the last create's outcome is unknown; checking again")
     await store.clear_inflight_create()
     return adopted
 
@@ -147,6 +182,7 @@ async def _find_orphan(ctx: Context, intent_ms: int, sent: int) -> MessageBatch 
             total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
             if total == sent:
                 candidates.append(batch)
+        metrics.count_api_success("list")
     except (anthropic.APIStatusError, anthropic.APIConnectionError) as exc:
         metrics.count_api_error("list", exc)
         # Not knowing is not "no orphan": submitting now could pay twice.

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import anthropic
 import httpx2
 
 from .. import metrics
 from ..logs import log_event
-from ..store import DeliverOutcome, custom_id_for, now_ms
+from ..store import custom_id_for
 from .context import Context, RetryLater, backoff
-from .resultline import ResultLine, expired_line, parse_line
+from .deliver import deliver_lines
+from .lost import note_missing
+from .resultline import expired_line
 
-__all__ = ["deliver_lines", "fanout_results"]
+__all__ = ["fanout_results"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
     metrics.API_REQUESTS.labels(op="results").inc()
     try:
         async with ctx.api.messages.batches.with_streaming_response.results(batch_id) as response:
+            metrics.count_api_success("results")
             pending: list[bytes] = []
             async for line in response.iter_lines():
                 if not line.strip():
@@ -53,13 +55,16 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
                 await store.set_cursor(batch_id, lineno)
     except anthropic.NotFoundError as exc:
         metrics.count_api_error("results", exc)
-        raise RetryLater(ctx.settings.poll_min_seconds, "results not visible yet") from exc
+        if record is None:
+            raise RetryLater(ctx.settings.poll_min_seconds, "results not found (404)") from exc
+        return await note_missing(ctx, record)
     except (anthropic.APIError, httpx2.HTTPError, OSError) as exc:
         metrics.count_api_error("results", exc)
         log.warning(
             "results of %s broke off after line %d (%s); resuming", batch_id, lineno, type(exc).__name__
         )
-        errors = await store.count_batch_error(batch_id)
+        # Its own count: a good retrieve between two broken downloads must not reset the backoff.
+        errors = await store.count_download_error(batch_id)
         raise RetryLater(backoff(errors), "results stream broke off") from exc
 
     unanswered = await store.unanswered(record.fid) if record is not None and record.fid else []
@@ -77,41 +82,3 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
         await store.finish_batch(record, lines=lineno, ttl_seconds=ctx.settings.result_ttl_seconds)
     log_event(log, "batch.delivered", batch_id=batch_id, lines=lineno, unanswered=len(unanswered))
     return "delivered"
-
-
-async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bool = True) -> dict[str, int]:
-    """Deliver each results line (one pipelined round trip). Malformed lines are counted and skipped."""
-    parsed: list[ResultLine] = []
-    tally = {"delivered": 0, "requeued": 0, "duplicate": 0, "stale": 0, "malformed": 0}
-    for raw in lines:
-        try:
-            parsed.append(parse_line(raw))
-        except Exception:
-            tally["malformed"] += 1
-            log.warning("skipping a malformed results line: %.200r", raw)
-    replies = await ctx.store.scripts.deliver(
-        [p.delivery(allow_retry=allow_retry) for p in parsed],
-        max_attempts=ctx.settings.max_attempts,
-        ttl_seconds=ctx.settings.result_ttl_seconds,
-    )
-    at = now_ms()
-    for line, reply in zip(parsed, replies, strict=True):
-        if reply.outcome is DeliverOutcome.DELIVERED:
-            tally["delivered"] += 1
-            metrics.RESULTS.labels(type=line.type).inc()
-            if reply.enqueued_ms:
-                metrics.REQUEST_LATENCY.observe(max(0.0, (at - reply.enqueued_ms) / 1000))
-        elif reply.outcome is DeliverOutcome.REQUEUED:
-            tally["requeued"] += 1
-            reason = "expired" if line.type == "expired" else line.error_type
-            metrics.REQUESTS_RETRIED.labels(reason=metrics.retry_reason(reason)).inc()
-        elif reply.outcome is DeliverOutcome.DUPLICATE:
-            tally["duplicate"] += 1
-        else:
-            tally["stale"] += 1
-        if reply.outcome in (DeliverOutcome.DELIVERED, DeliverOutcome.REQUEUED) and line.message is not None:
-            # A succeeded line is billed whether it is delivered or (never) requeued.
-            usage = line.message.get("usage")
-            if isinstance(usage, dict):
-                metrics.record_usage(str(line.message.get("model", "")), usage)
-    return tally

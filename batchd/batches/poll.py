@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 
 import anthropic
 
@@ -14,13 +13,11 @@ from ..settings import Settings
 from ..store import BatchState
 from .context import Context, RetryLater, backoff, retry_after
 from .fanout import fanout_results
+from .lost import note_missing
 
 __all__ = ["poll_batch", "poll_delay"]
 
 log = logging.getLogger(__name__)
-
-# A batch answering 404 this soon after create is still propagating (API reference, pain point 4).
-_TRANSIENT_404_S = 600.0
 
 
 async def poll_batch(ctx: Context, batch_id: str) -> str:
@@ -34,11 +31,7 @@ async def poll_batch(ctx: Context, batch_id: str) -> str:
         batch = await ctx.api.messages.batches.retrieve(batch_id)
     except anthropic.NotFoundError as exc:
         metrics.count_api_error("retrieve", exc)
-        age = time.time() - record.created_ms / 1000
-        if age < _TRANSIENT_404_S:
-            raise RetryLater(ctx.settings.poll_min_seconds, "batch not visible yet (transient 404)") from exc
-        log.error("batch %s answers 404 %.0fs after create; still polling", batch_id, age)
-        raise RetryLater(ctx.settings.poll_max_seconds, "batch not found") from exc
+        return await note_missing(ctx, record)
     except anthropic.APIStatusError as exc:
         metrics.count_api_error("retrieve", exc)
         errors = await store.count_batch_error(batch_id)
@@ -47,8 +40,9 @@ async def poll_batch(ctx: Context, batch_id: str) -> str:
         metrics.count_api_error("retrieve", exc)
         errors = await store.count_batch_error(batch_id)
         raise RetryLater(backoff(errors), f"retrieve: {type(exc).__name__}") from exc
-    if record.errors:
-        await store.reset_batch_errors(batch_id)  # backoff counts consecutive errors only
+    metrics.count_api_success("retrieve")
+    if record.errors or not record.seen or record.missing_since_ms is not None:
+        await store.note_batch_found(record)  # backoff counts consecutive errors only
     if batch.processing_status != "ended":
         polls = await store.count_poll(batch_id)
         raise RetryLater(poll_delay(ctx.settings, polls), f"batch {batch.processing_status}")

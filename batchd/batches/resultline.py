@@ -35,8 +35,10 @@ class ResultLine:
 
     @property
     def transient(self) -> bool:
-        """The API did not process the request (expired, or failed on its side): worth another attempt."""
-        return self.type == "expired" or self.error_type in RETRYABLE_ERROR_TYPES
+        """The API did not process the request: it expired, failed on the API's side, or was canceled by
+        someone other than its caller (a request its caller canceled is answered already, and deliver.lua
+        leaves it so). Worth another attempt."""
+        return self.type in ("expired", "canceled") or self.error_type in RETRYABLE_ERROR_TYPES
 
     def delivery(self, *, allow_retry: bool) -> Delivery:
         return Delivery(self.rid, self.attempt, self.raw, allow_retry and self.transient)

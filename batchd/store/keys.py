@@ -100,6 +100,18 @@ class Keys:
         """Zset consumer name -> last heartbeat (ms)."""
         return f"{self.tag}:replicas"
 
+    def replica_owner(self, name: str) -> str:
+        """Lease: which process runs as replica ``name`` (boot id, pid, token), so two never share a name."""
+        return f"{self.tag}:replica:{name}"
+
+    def replica_status(self, name: str) -> str:
+        """Hash: what replica ``name`` last said of itself (the API's health as it sees it), for status."""
+        return f"{self.tag}:replica:{name}:status"
+
+    def replica_jobs(self, name: str) -> str:
+        """Set of the arq job ids replica ``name`` is running (renewed with its job leases)."""
+        return f"{self.tag}:replica:{name}:jobs"
+
     @property
     def metrics_leader(self) -> str:
         """Lease: the one replica that exports the queue gauges read from Redis (no double counting)."""

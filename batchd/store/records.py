@@ -156,6 +156,9 @@ class FlushRecord:
     params_bytes: int
     trigger: Trigger | None
     intent_ms: int | None  # when the create was (last) attempted
+    attempt_by: str | None  # the replica that made that attempt
+    attempt_ended_ms: int | None  # when that attempt ended without a known outcome (None: not known to)
+    attempt_answered: bool  # ... and whether the API had replied to it (with an error)
     sent: int | None  # requests in that create body (canceled ones are left out)
     body_bytes: int | None
     batch_id: str | None
@@ -176,6 +179,9 @@ class FlushRecord:
             params_bytes=_int(f.get("bytes")),
             trigger=Trigger(trigger) if trigger else None,
             intent_ms=_opt_int(f.get("intent")),
+            attempt_by=_opt_text(f.get("by")),
+            attempt_ended_ms=_opt_int(f.get("ended")),
+            attempt_answered=_int(f.get("answered")) == 1,
             sent=_opt_int(f.get("sent")),
             body_bytes=_opt_int(f.get("body_bytes")),
             batch_id=_opt_text(f.get("batch")),
@@ -195,7 +201,10 @@ class BatchRecord:
     state: BatchState
     polls: int
     cursor: int  # results lines delivered so far (the fan-out checkpoint)
-    errors: int  # consecutive retrieve/results errors (backoff)
+    errors: int  # consecutive retrieve errors (backoff)
+    download_errors: int  # results downloads that broke off (backoff; not reset by a good retrieve)
+    seen: bool  # a retrieve has found it at least once
+    missing_since_ms: int | None  # the first of the 404s it answers now (None: found last time)
     lines: int | None  # results lines read, once done
 
     @classmethod
@@ -212,6 +221,9 @@ class BatchRecord:
             polls=_int(f.get("polls")),
             cursor=_int(f.get("cursor")),
             errors=_int(f.get("errors")),
+            download_errors=_int(f.get("download_errors")),
+            seen=f.get("seen") is not None,
+            missing_since_ms=_opt_int(f.get("missing_since")),
             lines=_opt_int(f.get("lines")),
         )
 

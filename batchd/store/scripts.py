@@ -8,6 +8,7 @@ costs one extra round trip, not an error.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -27,6 +28,7 @@ __all__ = [
     "DeliverOutcome",
     "DeliverReply",
     "Delivery",
+    "EnqueueConflict",
     "EnqueueRefused",
     "NewRequest",
     "Scripts",
@@ -43,7 +45,8 @@ def script_source(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class NewRequest:
-    """One request to queue: its id, the custom id of its first attempt, its params JSON."""
+    """One request to queue: its id and its params JSON (the custom id of its first attempt and the digest
+    that tells a repeated submit from a conflicting one follow from them)."""
 
     rid: str
     body: bytes
@@ -51,6 +54,17 @@ class NewRequest:
     @property
     def custom_id(self) -> str:
         return custom_id_for(self.rid, 1)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.blake2b(self.body, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueConflict:
+    """A request reused a known request id with other params (nothing was written)."""
+
+    index: int  # in the list given to enqueue
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,18 +121,22 @@ class Scripts:
 
     async def enqueue(
         self, requests: Sequence[NewRequest], *, now_ms: int, max_requests: int, max_bytes: int
-    ) -> list[bool] | EnqueueRefused:
-        """Queue the requests atomically. Per request True (new) or False (its id exists: idempotent);
-        EnqueueRefused, with nothing written, when the caps would be passed."""
+    ) -> list[bool] | EnqueueRefused | EnqueueConflict:
+        """Queue the requests atomically. Per request True (new) or False (its id exists with the same
+        params: idempotent); EnqueueRefused when the caps would be passed, EnqueueConflict when an id is
+        known with other params: nothing is written in either case."""
         k = self._keys
         keys = [k.intake, k.queue_stats]
         args: list[Any] = [now_ms, max_requests, max_bytes]
         for req in requests:
             keys += [k.request(req.rid), k.result(req.rid)]
-            args += [req.rid, req.custom_id, req.body]
+            args += [req.rid, req.custom_id, req.body, req.digest]
         reply = await self._call("enqueue", keys, args)
-        if reply and int(reply[0]) == -1:  # a success reply holds only 1s and 0s
+        # A success reply holds only 1s and 0s.
+        if reply and int(reply[0]) == -1:
             return EnqueueRefused(int(reply[1]), int(reply[2]))
+        if reply and int(reply[0]) == -2:
+            return EnqueueConflict(int(reply[1]) - 1)
         return [int(x) == 1 for x in reply]
 
     async def commit_flush(self, fid: str, entries: Sequence[IntakeEntry], *, now_ms: int) -> tuple[int, int]:

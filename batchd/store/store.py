@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from .intake import Intake
 from .keys import SCHEMA_VERSION, Keys
@@ -119,6 +120,17 @@ class Store:
             out.extend(None if v is None else bytes(v) for v in values)
         return out
 
+    async def known_requests(self, rids: Sequence[str]) -> set[str]:
+        """Which of ``rids`` batchd still has a record of (queued, in flight, or answered within the TTL)."""
+        known: set[str] = set()
+        for chunk in _chunks(rids):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for rid in chunk:
+                    pipe.exists(self.keys.request(rid), self.keys.result(rid))
+                counts = await pipe.execute()
+            known.update(rid for rid, n in zip(chunk, counts, strict=True) if n)
+        return known
+
     # --- flushes ------------------------------------------------------------------------------------------
     async def flush(self, fid: str) -> FlushRecord | None:
         return FlushRecord.from_hash(fid, await self._hgetall(self.keys.flush(fid)))
@@ -177,9 +189,9 @@ class Store:
             pipe.zrem(self.keys.flushes, fid)
             await pipe.execute()
 
-    async def begin_create(self, fid: str, *, sent: int, body_bytes: int) -> int:
-        """Record the intent to create this flush's batch, and name it as the one create whose outcome is
-        unknown until it is recorded. Returns the intent time (ms)."""
+    async def begin_create(self, fid: str, *, sent: int, body_bytes: int, by: str) -> int:
+        """Record the intent to create this flush's batch (by replica ``by``), and name it as the one create
+        whose outcome is unknown until it is recorded. Returns the intent time (ms)."""
         intent = now_ms()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -187,13 +199,23 @@ class Store:
                 mapping={
                     "state": FlushState.SUBMITTING,
                     "intent": intent,
+                    "by": by,
                     "sent": sent,
                     "body_bytes": body_bytes,
                 },
             )
+            pipe.hdel(self.keys.flush(fid), "ended", "answered")
             pipe.set(self.keys.create_inflight, fid)
             await pipe.execute()
         return intent
+
+    async def end_create_attempt(self, fid: str, *, answered: bool) -> int:
+        """The last create attempt of this flush has ended without a known outcome; returns when (ms).
+        ``answered``: the API replied (an error), so it had finished with the body; else it may still be
+        working on it (a timeout, a broken connection, a dead replica)."""
+        ended = now_ms()
+        await self._hset(self.keys.flush(fid), {"ended": ended, "answered": int(answered)})
+        return ended
 
     async def count_flush_error(self, fid: str) -> int:
         """One more consecutive create error; returns the run length (for backoff)."""
@@ -272,8 +294,30 @@ class Store:
         """One more consecutive retrieve/results error; returns the run length (for backoff)."""
         return int(await self._hincrby(self.keys.batch(batch_id), "errors", 1))
 
-    async def reset_batch_errors(self, batch_id: str) -> None:
-        await self._hset(self.keys.batch(batch_id), {"errors": 0})
+    async def note_batch_found(self, batch: BatchRecord) -> None:
+        """A retrieve found the batch: it is no longer missing, its error run is over."""
+        key = self.keys.batch(batch.batch_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if batch.errors:
+                pipe.hset(key, mapping={"errors": 0})
+            if not batch.seen:
+                pipe.hset(key, mapping={"seen": 1})
+            if batch.missing_since_ms is not None:
+                pipe.hdel(key, "missing_since")
+            await pipe.execute()
+
+    async def note_batch_missing(self, batch_id: str) -> int:
+        """The batch answered 404; returns since when (ms) it has been missing."""
+        key = self.keys.batch(batch_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(key, "missing_since", str(now_ms()))
+            pipe.hget(key, "missing_since")
+            _, since = await pipe.execute()
+        return int(since)
+
+    async def count_download_error(self, batch_id: str) -> int:
+        """One more broken results download of this batch; returns how many so far (for backoff)."""
+        return int(await self._hincrby(self.keys.batch(batch_id), "download_errors", 1))
 
     async def set_cursor(self, batch_id: str, lines: int) -> None:
         """Checkpoint: the first ``lines`` results lines are delivered."""
@@ -293,11 +337,16 @@ class Store:
             await pipe.execute()
 
     # --- locks and leases ---------------------------------------------------------------------------------
-    async def take_create_lock(self, holder: str, *, ms: int) -> bool:
-        return bool(await self.redis.set(self.keys.create_lock, holder, nx=True, px=ms))
+    async def take_lock(self, key: str, value: str, *, ms: int) -> bool:
+        return bool(await self.redis.set(key, value, nx=True, px=ms))
 
-    async def release_create_lock(self, holder: str) -> bool:
-        return await self.scripts.release_lock(self.keys.create_lock, holder)
+    async def release_lock(self, key: str, value: str) -> bool:
+        """Release ``key`` only if ``value`` still holds it."""
+        return await self.scripts.release_lock(key, value)
+
+    async def lock_holder(self, key: str) -> str | None:
+        raw = await self.redis.get(key)
+        return None if raw is None else text(raw)
 
     async def take_reconcile_turn(self, *, ms: int) -> bool:
         """At most one reconcile pass per ``ms`` across all replicas."""
@@ -307,6 +356,39 @@ class Store:
         return await self.scripts.lease(self.keys.metrics_leader, holder, ms=ms)
 
     # --- replicas -----------------------------------------------------------------------------------------
+    async def claim_replica(self, name: str, token: str, *, ms: int, force: bool = False) -> str | None:
+        """Run as replica ``name``: None once claimed, else the token of the process holding the name.
+        ``force`` takes it over from a holder known to be dead."""
+        key = self.keys.replica_owner(name)
+        if force:
+            await self.redis.set(key, token, px=ms)
+            return None
+        if await self.redis.set(key, token, nx=True, px=ms):
+            return None
+        holder = await self.redis.get(key)
+        if holder is None:  # lapsed just now
+            return await self.claim_replica(name, token, ms=ms)
+        return text(holder)
+
+    async def renew_replica(self, name: str, token: str, *, ms: int) -> bool:
+        return await self.scripts.lease(self.keys.replica_owner(name), token, ms=ms)
+
+    async def release_replica(self, name: str, token: str) -> None:
+        await self.scripts.release_lock(self.keys.replica_owner(name), token)
+
+    async def note_running_job(self, name: str, job_id: str, *, ms: int) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(self.keys.replica_jobs(name), job_id)
+            pipe.pexpire(self.keys.replica_jobs(name), ms)
+            await pipe.execute()
+
+    async def forget_running_jobs(self, name: str) -> None:
+        await self.redis.delete(self.keys.replica_jobs(name))
+
+    async def running_jobs(self, name: str) -> list[str]:
+        """The arq job ids replica ``name`` last said it was running."""
+        return [text(j) for j in await self.redis.smembers(self.keys.replica_jobs(name))]  # type: ignore[misc]
+
     async def heartbeat(self, replica: str, at_ms: int) -> None:
         await self.redis.zadd(self.keys.replicas, {replica: at_ms})
 
@@ -319,6 +401,41 @@ class Store:
             text(name): int(score)
             for name, score in await self.redis.zrange(self.keys.replicas, 0, -1, withscores=True)
         }
+
+    async def note_replica_status(
+        self, name: str, *, api_healthy: bool, api_failing_s: float, api_error: str, ms: int
+    ) -> None:
+        key = self.keys.replica_status(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "api_healthy": int(api_healthy),
+                    "api_failing_s": round(api_failing_s),
+                    "api_error": api_error,
+                },
+            )
+            pipe.pexpire(key, ms)
+            await pipe.execute()
+
+    async def replica_statuses(self, names: Sequence[str]) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for name in names:
+            raw = await self._hgetall(self.keys.replica_status(name))
+            if raw:
+                out[name] = {text(k): text(v) for k, v in raw.items()}
+        return out
+
+    async def maxmemory_policy(self) -> str:
+        """Redis's maxmemory-policy (CONFIG GET, or INFO where CONFIG is renamed or forbidden)."""
+        try:
+            reply = await self.redis.config_get("maxmemory-policy")
+            if reply:
+                return text(next(iter(reply.values())))
+        except ResponseError:
+            pass
+        info = await self.redis.info("memory")
+        return text(info.get("maxmemory_policy", "unknown"))
 
     # --- the queue at a glance ----------------------------------------------------------------------------
     async def snapshot(self, *, dead_after_ms: int) -> QueueSnapshot:

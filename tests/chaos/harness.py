@@ -39,11 +39,12 @@ def daemon_env(redis_url: str, base_url: str, **settings: object) -> dict[str, s
 
 
 class DaemonProcess:
-    """One replica slot. Every start is a new process (and so a new consumer name: hostname-pid)."""
+    """One replica slot. Every start is a new process under the slot's replica name (BATCHD_REPLICA_NAME), so
+    a restart takes back what the killed process held, as a restarted service does."""
 
     def __init__(self, name: str, env: Mapping[str, str], log_dir: Path) -> None:
         self.name = name
-        self.env = dict(env)
+        self.env = {"BATCHD_REPLICA_NAME": name, **env}
         self.log_dir = log_dir
         self.process: subprocess.Popen[bytes] | None = None
         self.generation = 0

@@ -248,6 +248,34 @@ async def test_submit_a_line_with_bad_params_or_id_exits_2_naming_the_line(
     await _submit_fails_naming_line_3(tmp_path, redis_url, files)
 
 
+async def test_submit_a_repeated_or_non_string_custom_id_exits_2_naming_the_line(
+    tmp_path: Path, redis_url: str
+) -> None:
+    good = [request_line("a", "fine"), request_line("b", "fine")]
+    files: dict[str, list[object]] = {
+        "repeated.jsonl": [*good, request_line("a", "fine")],  # even with the same params: one row, one id
+        "null_id.jsonl": [*good, {"custom_id": None, "params": request_line("c", "x")["params"]}],
+        "number_id.jsonl": [*good, {"custom_id": 7, "params": request_line("c", "x")["params"]}],
+    }
+    await _submit_fails_naming_line_3(tmp_path, redis_url, files)
+
+
+async def test_submit_a_known_id_with_other_params_exits_2_naming_the_line(
+    tmp_path: Path, redis_url: str
+) -> None:
+    env = clean_env(BATCHD_REDIS_URL=redis_url)
+    first = write_jsonl(tmp_path / "first.jsonl", [request_line("a", "one"), request_line("b", "two")])
+    assert (await batchd_cli("submit", str(first), env=env)).code == 0
+    changed = write_jsonl(
+        tmp_path / "changed.jsonl",
+        [request_line("c", "three"), request_line("d", "four"), request_line("b", "not two any more")],
+    )
+    ran = await batchd_cli("submit", str(changed), env=env)
+    assert ran.code == 2, ran.err
+    line = ran.one_error_line()
+    assert f"{changed}:3:" in line and "'b'" in line and "other params" in line
+
+
 async def _submit_fails_naming_line_3(tmp_path: Path, redis_url: str, files: dict[str, list[object]]) -> None:
     env = clean_env(BATCHD_REDIS_URL=redis_url)
     paths = [write_jsonl(tmp_path / name, lines) for name, lines in files.items()]

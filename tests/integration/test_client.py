@@ -34,6 +34,7 @@ from batchd import (
     InvalidRequest,
     InvalidRequestId,
     RequestCanceled,
+    RequestConflict,
     RequestErrored,
     RequestExpired,
     RequestNotFound,
@@ -245,11 +246,25 @@ async def test_same_request_id_twice_is_one_request(
     client: AsyncClient, store: Store, daemon: DaemonDouble
 ) -> None:
     assert await client.submit(params("first"), "order-42") == "order-42"
-    assert await client.submit(params("second"), "order-42") == "order-42"
+    assert await client.submit(params("first"), "order-42") == "order-42"
 
     assert len(await stream(store)) == 1
     assert (await store.snapshot(dead_after_ms=10_000)).pending_requests == 1
     assert await bodies(store, daemon) == {"order-42": params("first")}
+
+
+async def test_a_known_id_with_other_params_is_a_conflict_and_writes_nothing(
+    client: AsyncClient, aredis: aioredis.Redis
+) -> None:
+    await client.submit(params("first"), "order-7")
+    keys = sorted(await aredis.keys("*"))
+    with pytest.raises(RequestConflict) as info:
+        await client.submit(params("second"), "order-7")
+    assert info.value.request_id == "order-7" and "order-7" in str(info.value)
+    with pytest.raises(RequestConflict):  # the same id twice in one call, with two bodies
+        await client.submit_many([params("x"), params("y")], ["twice", "twice"])
+    assert sorted(await aredis.keys("*")) == keys
+    assert await client.submit(params("first"), "order-7") == "order-7"  # the same params: idempotent
 
 
 @pytest.mark.parametrize(
@@ -683,3 +698,35 @@ def test_a_closed_sync_client_refuses_calls(settings: Settings) -> None:
         client.result(rid, timeout=30)
     with pytest.raises(ClientClosed):
         client.submit(params())
+
+
+# --- capacity and vanished requests ----------------------------------------------------------------------
+@pytest.mark.timeout(180)
+async def test_one_client_serves_100000_concurrent_result_calls(
+    client: AsyncClient, aredis: aioredis.Redis
+) -> None:
+    """Every call waits for its turn on the client's few connections; none fails for want of one."""
+    n = 100_000
+    rids = await client.submit_many([params(f"q{i}") for i in range(n)])
+    # Answer them all the way deliver.lua does, minus the bookkeeping (this test is about the waiters).
+    for start in range(0, n, 5000):
+        async with aredis.pipeline(transaction=False) as pipe:
+            for i, rid in enumerate(rids[start : start + 5000], start):
+                line = orjson.dumps({"custom_id": custom_id_for(rid, 1), "result": succeeded(f"a{i}")})
+                pipe.set(K.result(rid), line)
+            await pipe.execute()
+    results = await asyncio.gather(*(client.result(rid, timeout=120) for rid in rids))
+    assert [r.message.content[0].text for r in results] == [f"a{i}" for i in range(n)]  # type: ignore[union-attr]
+
+
+async def test_a_waiter_whose_request_vanishes_gets_request_not_found(
+    client: AsyncClient, aredis: aioredis.Redis
+) -> None:
+    """Evicted, expired, or lost with a Redis that restarted empty: the wait ends, it does not hang."""
+    rid = await client.submit(params())
+    waiting = asyncio.create_task(client.result(rid, timeout=None))
+    await eventually(listener_subscribed(aredis), timeout=5, what="the result listener to subscribe")
+    await aredis.delete(K.request(rid))
+    async with asyncio.timeout(15):  # the listener's sweep runs every 5 s
+        with pytest.raises(RequestNotFound):
+            await waiting

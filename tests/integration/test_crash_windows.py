@@ -30,6 +30,7 @@ from batchd.accumulator import Accumulator
 from batchd.batches import Context, RetryLater
 from batchd.batches import reconciler as reconcile_module
 from batchd.emulator.testing import async_wait_for_batch
+from batchd.leases import LEASE_S
 from batchd.settings import Settings, load_settings
 from batchd.store import FlushState, IntakeEntry, Keys, RequestState, Store, Trigger, now_ms
 from tests.chaos.harness import DaemonProcess, Publications, daemon_env
@@ -638,53 +639,83 @@ async def test_inside_fanout_a_cut_after_many_polls_is_retried_within_seconds(
 
 
 # --- a job SIGKILLed inside arq ---------------------------------------------------------------------------
+async def _kill_mid_poll(
+    store: Store, emulator: Any, client: AsyncClient, first: DaemonProcess
+) -> tuple[str, str, float, float]:
+    """Start ``first``, get a batch open and its poll job held inside an API call, SIGKILL ``first`` there.
+    Returns (request id, the job's in-progress key, its TTL at the kill (s), the kill time)."""
+    emulator.configure(processing_seconds=3.0)
+    first.start()
+    rid = await client.submit(params("killed mid-poll"))
+
+    async def batch_open() -> bool:
+        return bool(await store.open_batch_ids())
+
+    await eventually(batch_open, timeout=30)
+    [batch_id] = await store.open_batch_ids()
+    in_progress = f"{KEYS.arq_namespace}in-progress:poll:{batch_id}"
+    # Hold the poll job inside its run: every API call is a 429 with retry-after 3 s for a while.
+    emulator.configure(rate_limit_rate=1.0, retry_after_seconds=3)
+
+    async def poll_job_running() -> bool:
+        return bool(await store.redis.exists(in_progress))
+
+    await eventually(poll_job_running, timeout=10, interval=0.01)
+    first.kill()
+    killed_at = time.monotonic()
+    emulator.configure(rate_limit_rate=0.0, retry_after_seconds=0)
+    return rid, in_progress, await store.redis.pttl(in_progress) / 1000, killed_at
+
+
 @pytest.mark.timeout(120)
-async def test_arq_job_killed_mid_poll_runs_again_within_job_timeout(
-    redis_url: str, aredis: aioredis.Redis, store: Store, emulator: Any, tmp_path: Path
+async def test_a_job_killed_with_its_replica_is_taken_over_when_its_lease_lapses(
+    redis_url: str, store: Store, emulator: Any, tmp_path: Path
 ) -> None:
-    """A replica is SIGKILLed while its poll job runs. arq leaves the job's in-progress key behind, and
-    no worker runs the job until that key expires. Settings promise job_timeout_seconds + 10 s."""
-    job_timeout = 5
+    """A replica is SIGKILLed while its poll job runs, at default settings. arq marks a running job with an
+    in-progress key; batchd makes it a lease renewed by the replica's heartbeat, so another replica runs the
+    job once it lapses (LEASE_S), not after the longest job timeout."""
     env = daemon_env(
-        redis_url,
-        emulator.base_url,
-        max_batch_age_seconds=0.1,
-        poll_min_seconds=0.1,
-        poll_max_seconds=0.5,
-        job_timeout_seconds=job_timeout,
+        redis_url, emulator.base_url, max_batch_age_seconds=0.1, poll_min_seconds=0.1, poll_max_seconds=0.5
     )
     first, second = DaemonProcess("first", env, tmp_path), DaemonProcess("second", env, tmp_path)
-    emulator.configure(processing_seconds=3.0)
     try:
-        first.start()
         async with AsyncClient(settings=load_settings(redis_url=redis_url)) as client:
-            rid = await client.submit(params("killed mid-poll"))
-
-            async def batch_open() -> bool:
-                return bool(await store.open_batch_ids())
-
-            await eventually(batch_open, timeout=30)
-            [batch_id] = await store.open_batch_ids()
-            in_progress = f"{KEYS.arq_namespace}in-progress:poll:{batch_id}"
-            # Hold the poll job inside its run: every API call is a 429 with retry-after 3 s for a while.
-            emulator.configure(rate_limit_rate=1.0, retry_after_seconds=3)
-
-            async def poll_job_running() -> bool:
-                return bool(await aredis.exists(in_progress))
-
-            await eventually(poll_job_running, timeout=10, interval=0.01)
-            first.kill()
-            killed_at = time.monotonic()
-            emulator.configure(rate_limit_rate=0.0, retry_after_seconds=0)
-            ttl_s = await aredis.pttl(in_progress) / 1000
-            assert ttl_s <= job_timeout + 10, (
-                f"a killed job is blocked for {ttl_s:.0f}s by arq's in-progress key "
-                f"(job_timeout_seconds={job_timeout})"
-            )
+            rid, _, ttl_s, killed_at = await _kill_mid_poll(store, emulator, client, first)
+            assert 0 < ttl_s <= LEASE_S, f"a killed job is blocked for {ttl_s:.0f}s by its in-progress key"
             second.start()
-            result = await client.result(rid, timeout=job_timeout + 10 + 10)
+            result = await client.result(rid, timeout=LEASE_S + 30)
             assert result.type == "succeeded"
-            assert time.monotonic() - killed_at < job_timeout + 20
+            assert time.monotonic() - killed_at < LEASE_S + 15
     finally:
         first.kill()
         second.kill()
+
+
+@pytest.mark.timeout(120)
+async def test_a_restarted_replica_takes_back_its_own_jobs_at_once(
+    redis_url: str, store: Store, emulator: Any, tmp_path: Path
+) -> None:
+    """The same replica (same name) restarts after a SIGKILL: it frees the jobs its dead process held at once,
+    rather than when their leases lapse."""
+    env = daemon_env(
+        redis_url, emulator.base_url, max_batch_age_seconds=0.1, poll_min_seconds=0.1, poll_max_seconds=0.5
+    )
+    replica = DaemonProcess("only", env, tmp_path)
+    try:
+        async with AsyncClient(settings=load_settings(redis_url=redis_url)) as client:
+            rid, in_progress, ttl_s, killed_at = await _kill_mid_poll(store, emulator, client, replica)
+            replica.start()
+
+            async def freed() -> bool:
+                return not await store.redis.exists(in_progress)
+
+            await eventually(freed, timeout=ttl_s)
+            freed_after = time.monotonic() - killed_at
+            # The new process frees it as soon as it is up (a few seconds of start-up), well before it lapses.
+            assert freed_after < ttl_s - 3, (
+                f"freed {freed_after:.1f}s after the kill, its lease had {ttl_s:.1f}s"
+            )
+            result = await client.result(rid, timeout=30)
+            assert result.type == "succeeded"
+    finally:
+        replica.kill()

@@ -92,8 +92,6 @@ async def test_every_accepted_request_is_answered_once_across_a_redis_crash(
         emulator=True,
         redis_url=aof_server.url,
         max_batch_age_seconds=0.3,
-        job_timeout_seconds=5,
-        shutdown_grace_seconds=1,
     )
     delivered_before = _delivered_total()
     texts: dict[str, str] = {}
@@ -217,15 +215,12 @@ async def test_a_job_cut_off_by_the_crash_runs_again_soon_after_redis_is_back(
     caplog.set_level(logging.INFO, logger="arq.worker")
     # A poll job is in the middle of its API call when Redis dies; the call ends while Redis is down, so the
     # job cannot record its outcome. Its arq in-progress key survives the crash (AOF, with its TTL): unless
-    # the daemon clears what its dead worker left, the batch is not polled again until that key expires
-    # (the longest job timeout + 10 s: 70 s here, 310 s with the default settings).
+    # the daemon clears what its dead worker left, the batch is not polled again until that lease lapses.
     emulator.configure(processing_seconds=0.5)
     settings = make_settings(
         emulator=True,
         redis_url=aof_server.url,
         max_batch_age_seconds=0.1,
-        job_timeout_seconds=5,
-        shutdown_grace_seconds=1,
     )
     async with running_daemon(settings) as daemon, AsyncClient(settings=settings) as client:
         rid = await client.submit(params("cut off"), "cut-off-1")

@@ -93,8 +93,8 @@ class DaemonProcess:
 
     @property
     def consumer(self) -> str:
-        """The replica name the daemon gives itself: host-pid."""
-        return f"{socket.gethostname()}-{self.proc.pid}"
+        """The replica name the daemon gives itself by default: the host name."""
+        return socket.gethostname()
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")

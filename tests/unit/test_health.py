@@ -216,3 +216,20 @@ async def test_unknown_path_is_404(served: tuple[Site, aiohttp.ClientSession]) -
     _, session = served
     async with session.get("/nope") as response:
         assert response.status == 404
+
+
+async def test_a_cached_check_runs_at_most_once_per_period(health: Health, clock: FakeClock) -> None:
+    calls = 0
+
+    async def costly() -> None:
+        nonlocal calls
+        calls += 1
+
+    health.add_check("anthropic", costly, cache_seconds=30)
+    for _ in range(5):
+        ready, _body = await health.readiness()
+        assert ready
+    assert calls == 1
+    clock.now += 30
+    await health.readiness()
+    assert calls == 2

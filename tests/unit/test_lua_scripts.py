@@ -20,6 +20,7 @@ from batchd.store import (
     DeliverOutcome,
     DeliverReply,
     Delivery,
+    EnqueueConflict,
     EnqueueRefused,
     FlushState,
     IntakeEntry,
@@ -221,8 +222,25 @@ async def test_enqueue_duplicate_id_returns_false_and_changes_nothing(store: Sto
     await enqueue(store, [("a", params("first"))])
     before = await dump(store.redis)
 
-    assert await enqueue(store, [("a", params("second, different body"))], now=NOW + 1) == [False]
+    assert await enqueue(store, [("a", params("first"))], now=NOW + 1) == [False]
     assert await dump(store.redis) == before
+
+
+async def test_enqueue_known_id_with_other_params_is_a_conflict_and_writes_nothing(store: Store) -> None:
+    await enqueue(store, [("a", params("first"))])
+    before = await dump(store.redis)
+
+    reply = await enqueue(store, [("b", params()), ("a", params("second, different body"))], now=NOW + 1)
+    assert reply == EnqueueConflict(1)
+    assert await dump(store.redis) == before
+
+
+async def test_enqueue_conflict_is_still_seen_once_the_request_is_answered(store: Store) -> None:
+    await queue_and_flush(store, "a")
+    await deliver(store, "a", 1, line_for("a", 1, SUCCEEDED))  # the params are dropped once answered
+
+    assert await enqueue(store, [("a", params("a"))]) == [False]
+    assert await enqueue(store, [("a", params("other"))]) == EnqueueConflict(0)
 
 
 async def test_enqueue_id_whose_result_exists_is_a_duplicate(store: Store) -> None:
@@ -233,14 +251,15 @@ async def test_enqueue_id_whose_result_exists_is_a_duplicate(store: Store) -> No
     assert await stream(store.redis) == []
 
 
-async def test_enqueue_duplicate_within_one_call_keeps_the_first(store: Store) -> None:
+async def test_enqueue_the_same_id_twice_in_one_call_is_one_request_unless_the_params_differ(
+    store: Store,
+) -> None:
     first, second = params("first"), params("second")
-    assert await enqueue(store, [("a", first), ("b", params()), ("a", second)]) == [True, True, False]
+    assert await enqueue(store, [("a", first), ("b", params()), ("a", second)]) == EnqueueConflict(2)
+    assert await enqueue(store, [("a", first), ("b", params()), ("a", first)]) == [True, True, False]
 
     assert [e.rid for e in await stream(store.redis)] == ["a", "b"]
     assert await stats(store) == (2, len(first) + len(params()))
-    await commit(store, "f1", await read_entries(store))
-    assert [i.body for i in await store.flush_items("f1") if i.rid == "a"] == [first]
 
 
 @pytest.mark.parametrize("cap", ["count", "bytes"])
@@ -576,8 +595,9 @@ async def test_lease_is_held_by_one_holder_until_it_lapses(store: Store) -> None
 
 
 async def test_release_lock_only_by_its_holder(store: Store) -> None:
-    assert await store.take_create_lock("f1", ms=60_000)
-    assert not await store.take_create_lock("f2", ms=60_000)
-    assert not await store.release_create_lock("f2")
-    assert await store.release_create_lock("f1")
-    assert await store.take_create_lock("f2", ms=60_000)
+    lock = K.create_lock
+    assert await store.take_lock(lock, "f1", ms=60_000)
+    assert not await store.take_lock(lock, "f2", ms=60_000)
+    assert not await store.release_lock(lock, "f2")
+    assert await store.release_lock(lock, "f1")
+    assert await store.take_lock(lock, "f2", ms=60_000)

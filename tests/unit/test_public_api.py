@@ -18,6 +18,7 @@ PUBLIC = {
     "QueueFull",
     "RedisUnavailable",
     "RequestCanceled",
+    "RequestConflict",
     "RequestErrored",
     "RequestExpired",
     "RequestFailed",

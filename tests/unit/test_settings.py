@@ -35,7 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "log_format": "text",
     "log_level": "INFO",
     "shutdown_grace_seconds": 30.0,
-    "job_timeout_seconds": 300.0,
+    "replica_name": None,
+    "create_timeout_seconds": 300.0,
+    "job_timeout_seconds": 600.0,
+    "allow_evicting_redis": False,
 }
 
 # field -> (environment value, parsed value). One row per setting: test_env_table_covers_every_setting
@@ -59,7 +62,10 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
     "log_format": ("json", "json"),
     "log_level": ("DEBUG", "DEBUG"),
     "shutdown_grace_seconds": ("0", 0.0),
-    "job_timeout_seconds": ("60", 60.0),
+    "replica_name": ("worker-2@eu", "worker-2@eu"),
+    "create_timeout_seconds": ("120", 120.0),
+    "job_timeout_seconds": ("400", 400.0),
+    "allow_evicting_redis": ("true", True),
 }
 
 
@@ -248,6 +254,36 @@ def test_bad_env_value_is_a_config_error_naming_the_variable(
 def test_bad_toml_value_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^BATCHD_MAX_BATCH_REQUESTS:"):
         load_settings(config_path=write(tmp_path / "bad.toml", "max_batch_requests = 0\n"))
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "says"),
+    [
+        ("BATCHD_JOB_TIMEOUT_SECONDS", "inf", "finite"),
+        ("BATCHD_CREATE_TIMEOUT_SECONDS", "nan", "finite"),
+        ("BATCHD_POLL_MIN_SECONDS", "inf", "finite"),
+        ("BATCHD_POLL_MAX_SECONDS", "-inf", ""),
+        ("BATCHD_MAX_BATCH_AGE_SECONDS", "nan", "finite"),
+        ("BATCHD_SHUTDOWN_GRACE_SECONDS", "Infinity", ""),
+        ("BATCHD_JOB_TIMEOUT_SECONDS", "300", "create_timeout_seconds + 60"),
+        ("BATCHD_REPLICA_NAME", "two words", "pattern"),
+        ("BATCHD_ANTHROPIC_API_KEY", "sk-ant one two", "whitespace"),
+    ],
+)
+def test_nonsensical_values_are_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(f"{env}: ")
+    assert says in str(info.value)
+
+
+def test_an_api_key_with_a_trailing_newline_is_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHD_ANTHROPIC_API_KEY", f"  {SECRET}\n")
+    key = load_settings().anthropic_api_key
+    assert key is not None and key.get_secret_value() == SECRET
 
 
 def test_poll_max_below_min_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,13 +1,14 @@
 -- Submit one or more requests atomically (all of the call or none of it).
 -- KEYS[1] intake stream, KEYS[2] queue stats hash, then per request: request hash, result key.
 -- ARGV[1] now (ms), ARGV[2] max queued requests, ARGV[3] max queued bytes,
--- then per request: rid, custom id of attempt 1, params JSON.
--- Returns {-1, queued_n, queued_bytes} if the caps would be passed (nothing written), else a list with
--- 1 (new) or 0 (that request id already exists: idempotent submit) per request.
+-- then per request: rid, custom id of attempt 1, params JSON, params digest.
+-- Returns {-1, queued_n, queued_bytes} if the caps would be passed, {-2, i} if request i (1-based) reuses
+-- a known request id with other params (nothing written in either case); else a list with 1 (new) or
+-- 0 (that request id already exists with the same params: idempotent submit) per request.
 -- All reads come before the first write: under maxmemory/noeviction Redis refuses a script at its first
 -- write, so an out-of-memory error leaves nothing half-written.
 local now = ARGV[1]
-local nreq = (#ARGV - 3) / 3
+local nreq = (#ARGV - 3) / 4
 local stats = redis.call('HMGET', KEYS[2], 'requests', 'bytes')
 local queued_n = tonumber(stats[1]) or 0
 local queued_bytes = tonumber(stats[2]) or 0
@@ -16,15 +17,27 @@ local fresh = {}
 local add_n, add_bytes = 0, 0
 local seen = {}
 for i = 1, nreq do
-  local rid = ARGV[3 + (i - 1) * 3 + 1]
-  local body = ARGV[3 + (i - 1) * 3 + 3]
-  local exists = seen[rid] or redis.call('EXISTS', KEYS[2 + (i - 1) * 2 + 1]) == 1
-      or redis.call('EXISTS', KEYS[2 + (i - 1) * 2 + 2]) == 1
-  if exists then
+  local base = 3 + (i - 1) * 4
+  local rid, body, digest = ARGV[base + 1], ARGV[base + 3], ARGV[base + 4]
+  local known = seen[rid]
+  if not known then
+    -- A request answered long ago may keep only its result; its digest went with its record.
+    local stored = redis.call('HGET', KEYS[2 + (i - 1) * 2 + 1], 'digest')
+    if stored then
+      known = stored
+    elseif redis.call('EXISTS', KEYS[2 + (i - 1) * 2 + 1]) == 1
+        or redis.call('EXISTS', KEYS[2 + (i - 1) * 2 + 2]) == 1 then
+      known = digest
+    end
+  end
+  if known then
+    if known ~= digest then
+      return {-2, i}
+    end
     fresh[i] = 0
   else
     fresh[i] = 1
-    seen[rid] = true
+    seen[rid] = digest
     add_n = add_n + 1
     add_bytes = add_bytes + #body
   end
@@ -36,10 +49,10 @@ end
 
 for i = 1, nreq do
   if fresh[i] == 1 then
-    local base = 3 + (i - 1) * 3
-    local rid, cid, body = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+    local base = 3 + (i - 1) * 4
+    local rid, cid, body, digest = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
     redis.call('HSET', KEYS[2 + (i - 1) * 2 + 1],
-      'body', body, 'bytes', #body, 'state', 'queued', 'attempts', 1, 'enq', now)
+      'body', body, 'bytes', #body, 'digest', digest, 'state', 'queued', 'attempts', 1, 'enq', now)
     redis.call('XADD', KEYS[1], '*', 'rid', rid, 'cid', cid, 'bytes', #body)
   end
 end

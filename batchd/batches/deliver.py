@@ -1,0 +1,53 @@
+"""Delivering results lines: each to its caller, or back to the queue for another attempt."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from .. import metrics
+from ..store import DeliverOutcome, now_ms
+from .context import Context
+from .resultline import ResultLine, parse_line
+
+__all__ = ["deliver_lines"]
+
+log = logging.getLogger(__name__)
+
+
+async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bool = True) -> dict[str, int]:
+    """Deliver each results line (one pipelined round trip). Malformed lines are counted and skipped."""
+    parsed: list[ResultLine] = []
+    tally = {"delivered": 0, "requeued": 0, "duplicate": 0, "stale": 0, "malformed": 0}
+    for raw in lines:
+        try:
+            parsed.append(parse_line(raw))
+        except Exception:
+            tally["malformed"] += 1
+            log.warning("skipping a malformed results line: %.200r", raw)
+    replies = await ctx.store.scripts.deliver(
+        [p.delivery(allow_retry=allow_retry) for p in parsed],
+        max_attempts=ctx.settings.max_attempts,
+        ttl_seconds=ctx.settings.result_ttl_seconds,
+    )
+    at = now_ms()
+    for line, reply in zip(parsed, replies, strict=True):
+        if reply.outcome is DeliverOutcome.DELIVERED:
+            tally["delivered"] += 1
+            metrics.RESULTS.labels(type=line.type).inc()
+            if reply.enqueued_ms:
+                metrics.REQUEST_LATENCY.observe(max(0.0, (at - reply.enqueued_ms) / 1000))
+        elif reply.outcome is DeliverOutcome.REQUEUED:
+            tally["requeued"] += 1
+            reason = "expired" if line.type == "expired" else line.error_type
+            metrics.REQUESTS_RETRIED.labels(reason=metrics.retry_reason(reason)).inc()
+        elif reply.outcome is DeliverOutcome.DUPLICATE:
+            tally["duplicate"] += 1
+        else:
+            tally["stale"] += 1
+        if reply.outcome in (DeliverOutcome.DELIVERED, DeliverOutcome.REQUEUED) and line.message is not None:
+            # A succeeded line is billed whether it is delivered or (never) requeued.
+            usage = line.message.get("usage")
+            if isinstance(usage, dict):
+                metrics.record_usage(str(line.message.get("model", "")), usage)
+    return tally

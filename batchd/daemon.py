@@ -60,6 +60,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.metrics_port: int | None = None
         self._ready = asyncio.Event()
+        self._serving = asyncio.Event()
         register_secret(settings.anthropic_api_key.get_secret_value())
         self.redis = connect(settings.redis_url, "daemon")
         self.store = Store(self.redis, self.keys)
@@ -73,7 +74,12 @@ class Daemon:
         return f"Daemon(consumer={self.consumer!r}, redis={redact_url(self.settings.redis_url)!r})"
 
     async def wait_ready(self) -> None:
+        """Until the replica takes work (its start-up checks passed)."""
         await self._ready.wait()
+
+    async def wait_serving(self) -> None:
+        """Until /healthz, /readyz and /metrics answer (start-up may still be waiting for Redis)."""
+        await self._serving.wait()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -93,6 +99,7 @@ class Daemon:
         )
         server = await start_ops_server(s.metrics_host, s.metrics_port, self.health)
         self.metrics_port = server.port
+        self._serving.set()
         self.health.add_check("redis", self.redis.ping)
         self.health.add_check("redis_policy", self._policy_ok, cache_seconds=_SLOW_CHECK_S)
         # An authenticated API call: cached, so a probe every second does not cost a call every second.

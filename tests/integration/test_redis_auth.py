@@ -122,7 +122,7 @@ async def test_daemon_with_a_wrong_password_says_so_and_is_not_ready(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="batchd")
     settings = make_settings(emulator=True, redis_url=user_url(acl_server, password="not-the-password"))
-    async with running_daemon(settings) as daemon:
+    async with running_daemon(settings, ready=False) as daemon:
 
         async def complained() -> bool:
             return any(

@@ -22,10 +22,13 @@ from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
+    from .sdk import Anthropic, AsyncAnthropic
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Anthropic",
+    "AsyncAnthropic",
     "AsyncClient",
     "BatchdError",
     "Client",
@@ -54,4 +57,8 @@ def __getattr__(name: str) -> object:
         from . import client
 
         return getattr(client, name)
+    if name in ("AsyncAnthropic", "Anthropic"):
+        from . import sdk
+
+        return getattr(sdk, name)
     raise AttributeError(f"module 'batchd' has no attribute {name!r}")

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 import anthropic
 
+from batchd.front import FrontConfig, Upstream, serve_front
+from batchd.httpserver import Site
 from batchd.membackend import MemoryBackend, Responder, batch_responder, message_responder
 from batchd.translate import ApiRequest
+
+_T = TypeVar("_T")
 
 MODEL = "claude-haiku-4-5"
 WEATHER_TOOL: dict[str, Any] = {
@@ -113,3 +117,49 @@ async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> Non
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"condition still false after {within} s")
         await asyncio.sleep(0.01)
+
+
+class FrontThread:
+    """The HTTP front on its own event loop in a daemon thread, over ``make_backend()`` (called there)."""
+
+    def __init__(
+        self,
+        make_backend: Callable[[], MemoryBackend],
+        config: FrontConfig,
+        upstream: Callable[[], Upstream] | None = None,
+    ) -> None:
+        self._make_backend = make_backend
+        self._make_upstream = upstream
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="front", daemon=True)
+        self._site: Site | None = None
+        self.backend: MemoryBackend | None = None
+        self.url = ""
+
+    def call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def __enter__(self) -> FrontThread:
+        self._thread.start()
+
+        async def start() -> None:
+            self.backend = self._make_backend()
+            upstream = self._make_upstream() if self._make_upstream is not None else None
+            self._site = await serve_front(self.backend, self.config, "127.0.0.1", 0, upstream=upstream)
+            self.url = self._site.url
+
+        self.call(start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            if self._site is not None:
+                await self._site.close()
+            if self.backend is not None:
+                await self.backend.aclose()
+
+        self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()

@@ -69,8 +69,14 @@ def tool_message(request: ApiRequest) -> dict[str, Any]:
             ],
             "stop_reason": "tool_use",
         }
-    outcome = " ".join(str(r.get("content")) for r in results) or "no tools"
+    outcome = " ".join(_text(r.get("content")) for r in results) or "no tools"
     return base | {"content": [{"type": "text", "text": f"Done: {outcome}"}], "stop_reason": "end_turn"}
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return str(content)
 
 
 def tool_backend() -> MemoryBackend:

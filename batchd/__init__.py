@@ -29,9 +29,12 @@ from .version import __version__
 
 if typing.TYPE_CHECKING:
     from .client import AsyncClient
+    from .sdk import Anthropic, AsyncAnthropic
     from .syncclient import Client
 
 __all__ = [
+    "Anthropic",
+    "AsyncAnthropic",
     "AsyncClient",
     "BatchdError",
     "Client",
@@ -66,4 +69,8 @@ def __getattr__(name: str) -> object:
         from .syncclient import Client
 
         return Client
+    if name in ("AsyncAnthropic", "Anthropic"):
+        from . import sdk
+
+        return getattr(sdk, name)
     raise AttributeError(f"module 'batchd' has no attribute {name!r}")

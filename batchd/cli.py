@@ -1,4 +1,4 @@
-"""``batchd``: run | demo | emulator | submit | status | cancel.
+"""``batchd``: run | front | demo | emulator | submit | status | cancel.
 
 Exit codes: 0 success, 1 a runtime failure (Redis unreachable, a request failed, ...), 2 bad usage or
 configuration. Errors print as one line; ``--debug`` shows the traceback.
@@ -43,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Run one daemon replica: accumulate, submit, poll, answer. "
         "Settings from BATCHD_* / --config. Stops on SIGTERM within the grace period.",
     )
+
+    front = sub.add_parser(
+        "front",
+        parents=[common],
+        help="serve the Anthropic-compatible HTTP front",
+        description="Serve POST /v1/messages (and the API's side endpoints) over batchd's queue, so any "
+        "client gets batch prices with base_url=http://HOST:PORT. Callers present a token from "
+        "BATCHD_HTTP_TOKENS / BATCHD_HTTP_TOKEN_FILE; without tokens only a loopback address is allowed. "
+        "See docs/front.md.",
+    )
+    front.add_argument("--host", help="listen address (default: BATCHD_HTTP_HOST, 127.0.0.1)")
+    front.add_argument("--port", type=int, help="listen port (default: BATCHD_HTTP_PORT, else 8787)")
 
     demo = sub.add_parser(
         "demo",
@@ -129,6 +141,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     return await Daemon(settings).run()
 
 
+async def _front(args: argparse.Namespace, settings: Settings) -> int:
+    from .front import run_front
+
+    return await run_front(settings, host=args.host, port=args.port)
+
+
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
@@ -187,6 +205,7 @@ async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
     "run": _run,
+    "front": _front,
     "demo": _demo,
     "submit": _submit,
     "status": _status,

@@ -217,21 +217,32 @@ class AsyncClient:
         Raises ResultTimeout if ``timeout`` passes first (the request stays in flight), RequestNotFound for an
         id batchd does not know.
         """
-        validate_request_id(request_id)
-        self._check_open()
-        line = await self._waiter.wait(request_id, timeout)
+        line = await self.result_line(request_id, timeout)
         if line is None:
             raise ResultTimeout(request_id, timeout if timeout is not None else float("inf"))
         return _parse(request_id, line)
 
-    async def peek(self, request_id: str) -> MessageBatchResult | None:
-        """The result if it has arrived, else None; never waits."""
+    async def result_line(self, request_id: str, timeout: float | None) -> bytes | None:
+        """The stored results line as the API wrote it (``{"custom_id", "result"}`` JSON), or None if
+        ``timeout`` passes first: for callers that render the API's own answer (the HTTP front, the drop-in
+        client), which must not lose a block the installed SDK's models do not know."""
+        validate_request_id(request_id)
+        self._check_open()
+        return await self._waiter.wait(request_id, timeout)
+
+    async def peek_line(self, request_id: str) -> bytes | None:
+        """The stored results line if the request is answered, else None; never waits."""
         validate_request_id(request_id)
         self._check_open()
         async with redis_errors():
             line, known = await self._store.result_line(request_id)
         if not known:
             raise RequestNotFound(request_id)
+        return line
+
+    async def peek(self, request_id: str) -> MessageBatchResult | None:
+        """The result if it has arrived, else None; never waits."""
+        line = await self.peek_line(request_id)
         return None if line is None else _parse(request_id, line)
 
     async def cancel(self, request_id: str) -> bool:

@@ -36,7 +36,7 @@ class _SecretsDirSource(PydanticBaseSettingsSource):
     A file named ``anthropic_api_key`` (or ``batchd_anthropic_api_key``) fills ``anthropic_api_key``.
     """
 
-    SECRET_FIELDS = ("anthropic_api_key",)
+    SECRET_FIELDS = ("anthropic_api_key", "http_tokens")
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         raise NotImplementedError  # __call__ is overridden; pydantic-settings requires the method
@@ -109,6 +109,17 @@ class Settings(BaseSettings):
     # evicting maxmemory-policy unless this is true.
     allow_evicting_redis: bool = False
 
+    # The HTTP front (`batchd front`, docs/front.md): an Anthropic-compatible base URL for any client.
+    http_host: str = "127.0.0.1"
+    # Unset: `batchd front` listens on 8787.
+    http_port: int | None = Field(default=None, ge=0, le=65_535)
+    # Callers' tokens, comma-separated (x-api-key or Authorization: Bearer). Secrets: never logged.
+    http_tokens: SecretStr | None = None
+    # A file of tokens, one per line (blank lines and # comments ignored); adds to http_tokens.
+    http_token_file: Path | None = None
+    # A waiting stream sends an SSE ping this often, so proxies keep the idle connection open.
+    http_ping_seconds: float = Field(default=15.0, gt=0, le=300)
+
     @field_validator("poll_max_seconds")
     @classmethod
     def _poll_range(cls, value: float, info: ValidationInfo) -> float:
@@ -170,6 +181,7 @@ class Settings(BaseSettings):
         """The settings as a dict fit for logs and ``status``: secrets masked."""
         data = self.model_dump()
         data["anthropic_api_key"] = "**********" if self.anthropic_api_key else None
+        data["http_tokens"] = "**********" if self.http_tokens else None
         data["redis_url"] = redact_url(self.redis_url)
         return data
 

@@ -7,6 +7,8 @@ import types
 import batchd
 
 PUBLIC = {
+    "Anthropic",
+    "AsyncAnthropic",
     "AsyncClient",
     "Client",
     "BatchdError",

@@ -39,6 +39,11 @@ DEFAULTS: dict[str, Any] = {
     "create_timeout_seconds": 300.0,
     "job_timeout_seconds": 600.0,
     "allow_evicting_redis": False,
+    "http_host": "127.0.0.1",
+    "http_port": None,
+    "http_tokens": None,
+    "http_token_file": None,
+    "http_ping_seconds": 15.0,
 }
 
 # field -> (environment value, parsed value). One row per setting: test_env_table_covers_every_setting
@@ -66,12 +71,18 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
     "create_timeout_seconds": ("120", 120.0),
     "job_timeout_seconds": ("400", 400.0),
     "allow_evicting_redis": ("true", True),
+    "http_host": ("0.0.0.0", "0.0.0.0"),
+    "http_port": ("8080", 8080),
+    "http_tokens": ("tok-a,tok-b", "tok-a,tok-b"),
+    "http_token_file": ("/etc/batchd/http_tokens", Path("/etc/batchd/http_tokens")),
+    "http_ping_seconds": ("5", 5.0),
 }
 
 
 def value(settings: Settings, field: str) -> Any:
     raw = getattr(settings, field)
-    return raw.get_secret_value() if field == "anthropic_api_key" and raw is not None else raw
+    secret = field in ("anthropic_api_key", "http_tokens")
+    return raw.get_secret_value() if secret and raw is not None else raw
 
 
 def write(path: Path, text: str) -> Path:

@@ -1,0 +1,80 @@
+"""What the ways in (the HTTP front, the drop-in SDK transport) need from batchd's queue: three calls.
+
+A ``Backend`` takes an ``ApiRequest`` (translate.py) and hands back the stored results line, the same bytes
+the Message Batches API wrote for it (``{"custom_id", "result"}``), so the ways in render exactly what the
+API said, unknown fields and all. The contract:
+
+``submit(request, request_id)``
+    Queue the request and return its id. Idempotent by id: a request id that was already submitted (queued,
+    in flight or answered) is not queued again, and the same id comes back, so a client's retry reattaches
+    to its request instead of paying twice. ``request_id=None`` mints a new id. Refusals, before anything is
+    written: ``errors.InvalidRequest`` (400; ``RequestTooLarge`` 413), ``errors.QueueFull`` (429 with
+    ``retry-after``), ``errors.RedisUnavailable`` (503 with ``retry-after``), or a ``translate.ApiError``
+    for anything else that has its own answer (e.g. an over-budget request: 429 ``rate_limit_error``).
+``wait(request_id, timeout)``
+    The results line once the request is answered; None if ``timeout`` seconds pass first (None: no limit;
+    0: look once). Raises ``errors.RequestNotFound`` for an id that was never submitted or whose result has
+    expired. Cancelling the call only stops the wait: the request goes on and can be collected later.
+``peek(request_id)``
+    The results line if the request is answered, else None; never waits. RequestNotFound as for wait.
+
+Every exception is turned into the API's answer by ``translate.api_error_for``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from .translate import ApiError, ApiRequest
+
+if TYPE_CHECKING:
+    from .client import AsyncClient
+
+__all__ = ["Backend", "ClientBackend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    async def submit(self, request: ApiRequest, request_id: str | None) -> str: ...
+
+    async def wait(self, request_id: str, timeout: float | None) -> bytes | None: ...
+
+    async def peek(self, request_id: str) -> bytes | None: ...
+
+
+class ClientBackend:
+    """The Backend over today's ``AsyncClient`` (batchd's Redis queue), until the queue carries everything.
+
+    The queue does not yet carry betas, per-batch headers, routes, deadlines or tags (issues 11-13): a
+    request that needs one is refused with a 400 naming it rather than sent without it. The batch is created
+    with the daemon's own ``anthropic-version``.
+    """
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    async def submit(self, request: ApiRequest, request_id: str | None) -> str:
+        unsupported = [
+            name
+            for name, given in (
+                ("anthropic-beta", request.betas),
+                ("anthropic-workspace-id / anthropic-user-profile-id", request.headers),
+                ("batchd-route other than batch", request.route != "batch"),
+                ("batchd-tags", request.tags),
+            )
+            if given
+        ]
+        if unsupported:
+            raise ApiError(
+                400, "invalid_request_error", f"{unsupported[0]}: not supported by this batchd queue yet"
+            )
+        return await self.client.submit(request.params, request_id)
+
+    async def wait(self, request_id: str, timeout: float | None) -> bytes | None:
+        # The raw line, not the client's parsed model: it keeps blocks the installed SDK does not know.
+        if timeout is not None and timeout <= 0:
+            return await self.client.peek_line(request_id)
+        return await self.client.result_line(request_id, timeout)
+
+    async def peek(self, request_id: str) -> bytes | None:
+        return await self.client.peek_line(request_id)

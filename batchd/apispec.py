@@ -75,6 +75,8 @@ LEGACY_SAMPLING_PARAMS = frozenset({"temperature", "top_p", "top_k"})
 """Sampling params the SDK 2.x types dropped (API version 2026-10-21 removed them) but which the reference
 says still pass as plain dict keys for older models: accepted (numbers) whatever the model (UNCONFIRMED)."""
 
+# Every key _check_batch_refusals looks at: most requests have none, and skip it.
+_BATCH_CHECKED = frozenset({"stream", "research_preview_2026_02", *BATCH_REFUSED_PARAMS})
 _STREAM_IN_BATCH = "stream: Message Batches requests cannot be streamed"
 _RESEARCH_PREVIEW = "research_preview_2026_02"
 _THINKING_MIN_BUDGET = 1024
@@ -323,9 +325,9 @@ def check_params(params: Mapping[str, object], *, betas: Sequence[str] = (), in_
     passes; nothing is changed.
     """
     shape = _create_shape(bool(betas))
-    if not isinstance(params, Mapping):
+    if not isinstance(params, dict | Mapping):  # dict first: an ABC check costs more, per request
         raise ParamError("params: Input should be a valid dictionary")
-    if in_batch:
+    if in_batch and not _BATCH_CHECKED.isdisjoint(params):
         _check_batch_refusals(params)
     _check_keys(params, shape)
     model = _check_model(params)
@@ -358,7 +360,7 @@ def check_count_tokens_params(params: Mapping[str, object], *, betas: Sequence[s
     have no ``max_tokens``).
     """
     shape = _count_tokens_shape(bool(betas))
-    if not isinstance(params, Mapping):
+    if not isinstance(params, dict | Mapping):
         raise ParamError("params: Input should be a valid dictionary")
     _check_keys(params, shape)
     _check_model(params)
@@ -376,6 +378,8 @@ def _check_batch_refusals(params: Mapping[str, object]) -> None:
 
 
 def _check_keys(params: Mapping[str, object], shape: _Shape) -> None:
+    if shape.body_params.issuperset(params):
+        return
     for key, value in params.items():
         if key in LEGACY_SAMPLING_PARAMS and key not in shape.body_params:
             if isinstance(value, bool) or not isinstance(value, int | float):

@@ -1,4 +1,4 @@
-"""aiohttp routes: the Message Batches API, POST /v1/messages, and the /_emulator control endpoints."""
+"""aiohttp routes: Message Batches, Messages (and count_tokens), Models, and the /_emulator endpoints."""
 
 from __future__ import annotations
 

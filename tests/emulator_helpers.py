@@ -1,4 +1,4 @@
-"""Shared by the emulator's SDK tests: one entry of a Batches create body."""
+"""Shared by the emulator's SDK tests: one entry of a Batches create body, and a settable clock."""
 
 from __future__ import annotations
 
@@ -14,3 +14,16 @@ def req(custom_id: str, text: str = "hello", **params: Any) -> dict[str, Any]:
     }
     body.update(params)
     return {"custom_id": custom_id, "params": body}
+
+
+class Clock:
+    """A settable clock for EmulatorThread(clock=...): time moves only when a test moves it."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -1,4 +1,5 @@
-"""An emulator of the Anthropic Message Batches API (plus POST /v1/messages) with fault injection.
+"""An emulator of the Anthropic Message Batches API (plus Messages, count_tokens and Models): as strict as the
+API, with its limits, prompt caching, tool-call cues and fault injection.
 
 Point the unchanged `anthropic` SDK at it with `base_url=`. See docs/emulator.md.
 """

@@ -8,9 +8,10 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 
-from .config import KNOB_HELP, EmulatorConfig
+from .config import INT_KNOBS, KNOB_HELP, LIST_KNOBS, TIERS, EmulatorConfig
 from .server import DEFAULT_PORT, serve
 
 __all__ = ["add_arguments", "run"]
@@ -19,7 +20,7 @@ log = logging.getLogger("batchd.emulator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --host, --port, --access-log and one flag per knob (--processing-seconds, --errored-rate, ...)."""
+    """Add --host, --port, --access-log, --tier and one flag per knob (--processing-seconds, ...)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument(
         "--port",
@@ -28,28 +29,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port to listen on, 0 for any free one (default: %(default)s)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request to stderr")
+    parser.add_argument(
+        "--tier",
+        type=int,
+        choices=sorted(TIERS),
+        default=None,
+        help="preset rpm_limit and queue_limit to a usage tier's: "
+        + "; ".join(f"{n} = {t['rpm_limit']:,} RPM / {t['queue_limit']:,}" for n, t in TIERS.items())
+        + " (--rpm-limit / --queue-limit given too win)",
+    )
     defaults = EmulatorConfig()
     for knob in fields(EmulatorConfig):
+        name = knob.name
         # None means "not given", so only flags the user passed override the dataclass defaults.
         parser.add_argument(
-            "--" + knob.name.replace("_", "-"),
-            dest=knob.name,
-            type=int if knob.name == "seed" else float,
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=_flag_type(name),
             default=None,
-            metavar="N" if knob.name == "seed" else ("P" if knob.name.endswith("_rate") else "S"),
-            help=KNOB_HELP[knob.name]
-            + ("" if knob.name == "seed" else f" (default: {getattr(defaults, knob.name)})"),
+            metavar=_metavar(name),
+            help=KNOB_HELP[name]
+            + ("" if name == "seed" else f" (default: {_shown(getattr(defaults, name))})"),
         )
+
+
+def _flag_type(name: str) -> Callable[[str], object]:
+    if name in LIST_KNOBS:
+        return lambda text: [part.strip() for part in text.split(",") if part.strip()]
+    return int if name == "seed" or name in INT_KNOBS else float
+
+
+def _metavar(name: str) -> str:
+    if name in LIST_KNOBS:
+        return "KEY[,KEY...]"
+    if name == "seed" or name in INT_KNOBS:
+        return "N"
+    return "P" if name.endswith("_rate") else "S"
+
+
+def _shown(value: object) -> str:
+    return "none" if value == [] else str(value)
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     """The config the flags describe; ValueError naming the bad flag's knob."""
     config = EmulatorConfig()
-    given = {
-        k.name: getattr(args, k.name)
-        for k in fields(EmulatorConfig)
-        if getattr(args, k.name, None) is not None
-    }
+    given: dict[str, object] = {}
+    if getattr(args, "tier", None) is not None:
+        given["tier"] = args.tier
+    given.update(
+        {
+            k.name: getattr(args, k.name)
+            for k in fields(EmulatorConfig)
+            if getattr(args, k.name, None) is not None
+        }
+    )
     config.update(given)
     return config
 

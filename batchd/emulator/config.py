@@ -1,4 +1,4 @@
-"""Emulator knobs: timing and fault injection, settable at start and at run time."""
+"""Emulator knobs: timing, limits, caching and fault injection, settable at start and at run time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["KNOB_HELP", "EmulatorConfig"]
+__all__ = ["INT_KNOBS", "KNOB_HELP", "LIST_KNOBS", "TIERS", "EmulatorConfig", "KnobValue"]
+
+KnobValue = float | int | list[str] | None
 
 # Knobs whose value is a probability; every other float knob is a non-negative duration.
 _RATES = frozenset(
@@ -20,6 +22,19 @@ _RATES = frozenset(
         "results_cut_rate",
     }
 )
+# Non-negative whole numbers (seed, which may also be null, is checked on its own).
+INT_KNOBS = frozenset({"rpm_limit", "queue_limit", "cache_min_tokens"})
+LIST_KNOBS = frozenset({"valid_api_keys"})
+
+TIERS: dict[int, dict[str, int]] = {
+    # The Message Batches API's published limits per usage tier (anthropic-batches-api.md, section 4):
+    # requests per minute across every batch endpoint, and requests waiting in the processing queue.
+    1: {"rpm_limit": 50, "queue_limit": 100_000},
+    2: {"rpm_limit": 1_000, "queue_limit": 200_000},
+    3: {"rpm_limit": 2_000, "queue_limit": 300_000},
+    4: {"rpm_limit": 4_000, "queue_limit": 500_000},
+}
+"""`tier` (a pseudo-knob of update(), the CLI's --tier) sets both limits from this table."""
 
 
 def _knob(default: Any, help_text: str) -> Any:
@@ -29,7 +44,7 @@ def _knob(default: Any, help_text: str) -> Any:
 
 @dataclass
 class EmulatorConfig:
-    """Timing and fault knobs. Rates are probabilities in [0, 1]; durations are seconds >= 0."""
+    """Timing, limit and fault knobs. Rates are probabilities in [0, 1]; durations are seconds >= 0."""
 
     processing_seconds: float = _knob(
         0.5, "each batch ends this long after it is created (value in force at create time)"
@@ -42,6 +57,35 @@ class EmulatorConfig:
     cancel_seconds: float = _knob(
         0.05,
         "a cancel ends the batch this long after it was initiated; unprocessed requests become 'canceled'",
+    )
+    create_delay_seconds: float = _knob(
+        0.0,
+        "a batch create waits this long after reading and checking the body, then creates the batch "
+        "even if the client has gone away meanwhile (a slow create whose reply may be lost)",
+    )
+    rpm_limit: int = _knob(
+        0,
+        "requests per minute per API key across every batch endpoint (create, retrieve, list, cancel, "
+        "delete, results); more get 429 rate_limit_error with retry-after; 0 = unlimited",
+    )
+    queue_limit: int = _knob(
+        0,
+        "requests per API key in batches not yet ended; a create that would pass it gets 429 "
+        "rate_limit_error; 0 = unlimited",
+    )
+    valid_api_keys: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "when not empty, only these API keys authenticate (others get 401); comma-separated"
+        },
+    )
+    cache_visibility_seconds: float = _knob(
+        0.1,
+        "a prompt-cache write made by a batch request becomes readable this long after that request "
+        "was processed (at the latest when its batch ends)",
+    )
+    cache_min_tokens: int = _knob(
+        1024, "shortest prompt-cache prefix (in estimated tokens) that is cached at all"
     )
     create_error_rate: float = _knob(
         0.0,
@@ -78,28 +122,55 @@ class EmulatorConfig:
         self.update(self.as_dict())
 
     def update(self, data: Mapping[str, object]) -> None:
-        """Set several knobs at once, all or none; raises ValueError naming the first bad key."""
+        """Set several knobs at once, all or none; raises ValueError naming the first bad key.
+
+        `tier` (1-4) sets rpm_limit and queue_limit from TIERS; explicit values given with it win.
+        """
         known = {f.name for f in fields(self)}
-        clean: dict[str, float | int | None] = {}
+        clean: dict[str, KnobValue] = {}
+        if "tier" in data:
+            clean.update(_tier(data["tier"]))
         for key, value in data.items():
+            if key == "tier":
+                continue
             if key not in known:
-                raise ValueError(f"unknown knob {key!r}; known knobs: {', '.join(sorted(known))}")
+                raise ValueError(f"unknown knob {key!r}; known knobs: {', '.join(sorted(known | {'tier'}))}")
             clean[key] = _check(key, value)
         for key, value in clean.items():
             setattr(self, key, value)
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def as_dict(self) -> dict[str, KnobValue]:
+        values: dict[str, KnobValue] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = list(value) if isinstance(value, list) else value
+        return values
 
 
-def _check(key: str, value: object) -> float | int | None:
+def _tier(value: object) -> dict[str, KnobValue]:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in TIERS:
+        raise ValueError(f"tier: expected one of {sorted(TIERS)}, got {value!r}")
+    return dict(TIERS[value])
+
+
+def _check(key: str, value: object) -> KnobValue:
     if key == "seed":
         # bool is an int subclass; True as a seed is almost certainly a mistake.
         if value is None or (isinstance(value, int) and not isinstance(value, bool)):
             return value
         raise ValueError(f"{key}: expected an integer or null, got {value!r}")
+    if key in LIST_KNOBS:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError(f"{key}: expected a list of non-empty strings, got {value!r}")
+        return [str(v) for v in value]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key}: expected a number, got {value!r}")
+    if key in INT_KNOBS:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{key}: expected a whole number, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{key}: expected a number >= 0, got {value!r}")
+        return int(value)
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{key}: expected a finite number, got {value!r}")

@@ -46,6 +46,8 @@ def render_line(batch: Batch, index: int, outcome: Outcome) -> bytes:
     kind = batch.kind(index, outcome)
     result: dict[str, object]
     if kind is Kind.SUCCEEDED:
+        rich = table.rich.get(index)
+        cache = table.cache_usage.get(index)
         message = message_json(
             message_id(batch.id, index),
             table.models[index],
@@ -53,6 +55,11 @@ def render_line(batch: Batch, index: int, outcome: Outcome) -> bytes:
             table.input_tokens[index],
             table.output_tokens[index],
             "batch",
+            content=rich[0] if rich else None,
+            stop_reason=rich[1] if rich else "end_turn",
+            cache_write_5m=cache.write_5m if cache else 0,
+            cache_write_1h=cache.write_1h if cache else 0,
+            cache_read=cache.read if cache else 0,
         )
         result = {"type": "succeeded", "message": message}
     elif kind is Kind.INVALID:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TypeVar
@@ -50,11 +51,20 @@ class EmulatorThread:
     stop() then start() again serves the same port and keeps every batch: an API outage, not data loss.
     """
 
-    def __init__(self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        config: EmulatorConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock` (epoch seconds) drives every batch timeline, the RPM window and the prompt cache: a test
+        can pass a settable one to move time without sleeping. It is called on the emulator's thread."""
         self.config = config if config is not None else EmulatorConfig()
         self.host = host
         self.port = port
-        self._state = EmulatorState(self.config)
+        self._state = EmulatorState(self.config, clock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -106,8 +116,20 @@ class EmulatorThread:
         return self._call(lambda state: state.stats())
 
     def reset(self) -> None:
-        """Same as POST /_emulator/reset: forget all batches and zero the stats."""
+        """Same as POST /_emulator/reset: forget all batches, caches and canned responses; zero the stats."""
         self._call(lambda state: state.reset())
+
+    def set_responses(self, responses: list[dict[str, object]]) -> None:
+        """Same as POST /_emulator/responses: canned answers, [{"match", "content", "stop_reason"?}, ...]."""
+        self._call(lambda state: state.set_responses(responses))
+
+    def batch_info(self, batch_id: str) -> dict[str, object] | None:
+        """What GET /_emulator/batches/{id} shows (None if unknown): betas, anthropic_version, ..."""
+        return self._call(lambda state: state.batch_info(batch_id))
+
+    def forget_batch(self, batch_id: str) -> bool:
+        """Same as DELETE /_emulator/batches/{id}: the batch is gone everywhere; False if it was unknown."""
+        return self._call(lambda state: state.store.forget(batch_id) is not None)
 
     def _call(self, fn: Callable[[EmulatorState], _T]) -> _T:
         state, loop = self._state, self._loop

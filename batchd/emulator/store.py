@@ -6,13 +6,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .cache import PromptCache
 from .config import EmulatorConfig
 from .errors import ApiError, not_found
 from .ids import batch_id, rfc3339
 from .stats import Stats
 from .table import Kind, RequestTable
 
-__all__ = ["Batch", "BatchStore", "Outcome"]
+__all__ = ["Batch", "BatchMeta", "BatchStore", "Outcome"]
 
 EXPIRES_AFTER = 24 * 3600.0  # expires_at is always created_at + 24 h, whatever expiry_seconds says
 
@@ -27,6 +28,16 @@ class Outcome:
     counts: dict[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class BatchMeta:
+    """What a batch was created with: the create call's key and headers (they apply to every request)."""
+
+    api_key: str = ""
+    betas: tuple[str, ...] = ()
+    anthropic_version: str | None = None
+    workspace_id: str | None = None
+
+
 class Batch:
     """One batch. Request i counts as processed at created + processing_seconds * (i + 1) / n,
     so a cancel or an expiry that lands mid-way leaves a realistic mix of finished and unfinished requests."""
@@ -38,6 +49,7 @@ class Batch:
         "created",
         "expiry_seconds",
         "id",
+        "meta",
         "processing_seconds",
         "seq",
         "table",
@@ -45,9 +57,16 @@ class Batch:
     )
 
     def __init__(
-        self, ident: str, seq: int, table: RequestTable, created: float, config: EmulatorConfig
+        self,
+        ident: str,
+        seq: int,
+        table: RequestTable,
+        created: float,
+        config: EmulatorConfig,
+        meta: BatchMeta | None = None,
     ) -> None:
         self.id = ident
+        self.meta = meta if meta is not None else BatchMeta()
         self.seq = seq
         self.table = table
         self.created = created
@@ -61,6 +80,10 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def end_time(self) -> float:
+        """When the batch ends (or ended), with what is known now (a cancel may have moved it earlier)."""
+        return self._end()[0]
 
     def _end(self) -> tuple[float, Kind | None]:
         end, tail = self.created + self.processing_seconds, None
@@ -96,6 +119,14 @@ class Batch:
             }
             self._outcome = Outcome(ended_at=end, processed=processed, tail=tail, counts=counts)
         return self._outcome
+
+    def processed_at(self, index: int) -> float:
+        """When request `index` is processed, if the batch runs its course."""
+        return self.created + self.processing_seconds * (index + 1) / len(self.table)
+
+    def scheduled_end(self) -> float:
+        """When the batch ends unless a cancel comes first."""
+        return min(self.created + self.processing_seconds, self.created + self.expiry_seconds)
 
     def kind(self, index: int, outcome: Outcome) -> Kind:
         if index < outcome.processed or outcome.tail is None:
@@ -150,20 +181,25 @@ class BatchStore:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.stats = Stats()
+        self.cache = PromptCache()
         self._batches: dict[str, Batch] = {}
         # Kept for deleted batches too, so a deleted batch still works as a list cursor.
         self._seq: dict[str, int] = {}
+        self._next_seq = 0
 
     def reset(self) -> None:
         self.stats = Stats()
+        self.cache.clear()
         self._batches.clear()
         self._seq.clear()
 
-    def add(self, table: RequestTable, config: EmulatorConfig) -> Batch:
+    def add(self, table: RequestTable, config: EmulatorConfig, meta: BatchMeta | None = None) -> Batch:
         ident = batch_id()
-        batch = Batch(ident, len(self._seq), table, self.clock(), config)
+        batch = Batch(ident, self._next_seq, table, self.clock(), config, meta)
+        self._next_seq += 1
         self._batches[ident] = batch
         self._seq[ident] = batch.seq
+        self._use_cache(batch, config)
         stats = self.stats
         stats.batches_created += 1
         stats.requests_received += len(table)
@@ -172,6 +208,60 @@ class BatchStore:
         stats.faults_errored += kinds.count(Kind.API_ERROR) + kinds.count(Kind.OVERLOADED)
         stats.faults_expired += kinds.count(Kind.EXPIRED)
         return batch
+
+    def _use_cache(self, batch: Batch, config: EmulatorConfig) -> None:
+        """Decide each cacheable request's reads and writes now, at its own processing time.
+
+        Requests are processed in order, spread over processing_seconds; a write is readable
+        cache_visibility_seconds after its request was processed, and at the latest when the batch ends.
+        """
+        table = batch.table
+        if not table.cache_keys:
+            return
+        end, now = batch.scheduled_end(), self.clock()
+        for index, key in table.cache_keys.items():
+            at = batch.processed_at(index)
+            if at > end:
+                break  # expired before it was processed: it neither reads nor writes
+            usage = self.cache.use(
+                batch.meta.api_key,
+                key,
+                at=at,
+                visible_at=min(at + config.cache_visibility_seconds, end),
+                from_batch=True,
+                min_tokens=config.cache_min_tokens,
+                now=now,
+            )
+            if usage is not None:
+                self.stats.note_cache(usage.read > 0)
+                table.cache_usage[index] = usage
+                table.input_tokens[index] = max(0, table.input_tokens[index] - usage.tokens)
+        # The keys served their purpose; the usage is what results need.
+        table.cache_keys.clear()
+
+    def find(self, ident: str) -> Batch | None:
+        """The batch, whatever its state (no transient 404): for the emulator's own endpoints."""
+        return self._batches.get(ident)
+
+    def forget(self, ident: str) -> Batch | None:
+        """Drop a batch as if the API had lost it: afterwards it is unknown everywhere, cursors included."""
+        batch = self._batches.pop(ident, None)
+        if batch is not None:
+            self._seq.pop(ident, None)
+            self.stats.batches_forgotten += 1
+        return batch
+
+    def queued_requests(self, api_key: str) -> tuple[int, float | None]:
+        """Requests of `api_key` in batches not yet ended, and when the soonest of those batches ends."""
+        now = self.clock()
+        queued, soonest = 0, None
+        for batch in self._batches.values():
+            if batch.meta.api_key != api_key or batch.outcome(now) is not None:
+                continue
+            queued += len(batch)
+            end = batch.end_time()
+            soonest = end if soonest is None else min(soonest, end)
+        return queued, soonest
 
     def lookup(self, ident: str) -> Batch:
         """The batch, or 404: unknown, deleted, or still inside its transient-404 window."""

@@ -1,7 +1,9 @@
 """A batch's requests kept compactly: the create body is parsed once, checked, and reduced to columns.
 
 Nothing of the parsed params survives create: a 100,000-request, 256 MB batch keeps only its custom
-ids, each answer's text (or error message), token counts and the fault drawn for it.
+ids, each answer's text (or error message), token counts and the fault drawn for it. The few answers that
+are more than a text echo (tool calls, thinking, canned) and requests with a cache breakpoint get sparse
+entries of their own.
 """
 
 from __future__ import annotations
@@ -11,19 +13,19 @@ import gc
 import random
 import re
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from enum import IntEnum
 
 import orjson
 
-from .answers import ParamError, answer
+from .answers import CannedResponse, ParamError, answer
+from .cache import CacheKey, CacheUsage
 from .errors import ApiError
 
 __all__ = ["MAX_REQUESTS", "Kind", "RequestTable", "compile_batch"]
 
 MAX_REQUESTS = 100_000
 _CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-_BATCH_STREAM_MESSAGE = "stream: Message Batches requests cannot be streamed"
 
 
 class Kind(IntEnum):
@@ -40,7 +42,17 @@ class Kind(IntEnum):
 class RequestTable:
     """Column-wise storage (one list/array per field) costs a pointer or a few bytes per request."""
 
-    __slots__ = ("custom_ids", "input_tokens", "kinds", "models", "output_tokens", "texts")
+    __slots__ = (
+        "cache_keys",
+        "cache_usage",
+        "custom_ids",
+        "input_tokens",
+        "kinds",
+        "models",
+        "output_tokens",
+        "rich",
+        "texts",
+    )
 
     def __init__(self) -> None:
         self.custom_ids: list[str] = []
@@ -48,8 +60,15 @@ class RequestTable:
         # Echo text for SUCCEEDED, the error message for INVALID, "" otherwise.
         self.texts: list[str] = []
         self.models: list[str] = []
+        # Uncached input tokens (the cache lookup at create moves the prefix's share to cache_usage).
         self.input_tokens = array("L")
         self.output_tokens = array("L")
+        # Sparse: index -> (content blocks, stop_reason) for answers that are not a plain text echo.
+        self.rich: dict[int, tuple[list[dict[str, object]], str]] = {}
+        # Sparse: index -> the request's cacheable prefix; filled at compile, used once the batch exists.
+        self.cache_keys: dict[int, CacheKey] = {}
+        # Sparse: index -> what the cache lookup decided (writes, reads).
+        self.cache_usage: dict[int, CacheUsage] = {}
 
     def __len__(self) -> int:
         return len(self.custom_ids)
@@ -83,18 +102,30 @@ def _gc_paused() -> Iterator[None]:
 
 
 def compile_batch(
-    body: bytes | bytearray, *, errored_rate: float, expired_rate: float, rng: random.Random
+    body: bytes | bytearray,
+    *,
+    errored_rate: float,
+    expired_rate: float,
+    rng: random.Random,
+    betas: Sequence[str] = (),
+    canned: Sequence[CannedResponse] = (),
 ) -> RequestTable:
     """Validate a create body and reduce it to a RequestTable; raises ApiError(400) on a bad batch.
 
-    Params are not validated here (the API defers that to results): a bad one becomes an INVALID row.
+    Params are checked (against the batch's `betas`) but a failure does not reject the batch, as the API
+    defers that to results: a bad request becomes an INVALID row.
     """
     with _gc_paused():
-        return _compile(body, errored_rate, expired_rate, rng)
+        return _compile(body, errored_rate, expired_rate, rng, betas, canned)
 
 
 def _compile(
-    body: bytes | bytearray, errored_rate: float, expired_rate: float, rng: random.Random
+    body: bytes | bytearray,
+    errored_rate: float,
+    expired_rate: float,
+    rng: random.Random,
+    betas: Sequence[str],
+    canned: Sequence[CannedResponse],
 ) -> RequestTable:
     try:
         doc = orjson.loads(body)
@@ -138,7 +169,7 @@ def _compile(
         # Always draw, so a request's fault does not depend on whether earlier ones were valid.
         draw = rng.random()
         try:
-            ans = answer(params, streaming_message=_BATCH_STREAM_MESSAGE)
+            ans = answer(params, betas=betas, in_batch=True, canned=canned)
         except ParamError as exc:
             table.append(custom_id, Kind.INVALID, str(exc), "", 0, 0)
             continue
@@ -150,6 +181,10 @@ def _compile(
         elif draw < errored_rate + expired_rate:
             table.append(custom_id, Kind.EXPIRED, "", model, 0, 0)
         else:
+            if ans.content is not None:
+                table.rich[len(table)] = (ans.content, ans.stop_reason)
+            if ans.cache is not None:
+                table.cache_keys[len(table)] = ans.cache
             table.append(custom_id, Kind.SUCCEEDED, ans.text, model, ans.input_tokens, ans.output_tokens)
     return table
 

@@ -71,6 +71,15 @@ class DaemonProcess:
                 stderr=stderr,
             )
 
+    def ready(self) -> bool:
+        """Whether the current process has said it is ready (it handles SIGTERM from then on; before, a
+        SIGTERM finds Python still importing and kills it, exit -15)."""
+        if not self.running or not self.logs:
+            return False
+        with contextlib.suppress(OSError):
+            return b'"event":"daemon.ready"' in self.logs[-1].read_bytes()
+        return False
+
     def kill(self) -> None:
         """SIGKILL: nothing runs after it, no finally, no goodbye to Redis."""
         if self.process is None:

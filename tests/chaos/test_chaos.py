@@ -241,6 +241,8 @@ async def run_chaos(
             settled = time.monotonic()
             callers = await asyncio.wait_for(asyncio.gather(*waiters.values()), 60)
 
+        # A replica restarted by the last kill may still be starting: the graceful stop is for running ones.
+        await eventually(lambda: _all_ready(daemons), timeout=30, what="every replica ready before the stop")
         exit_codes = [await asyncio.to_thread(d.stop) for d in daemons]
         # Every daemon is gone: once a barrier comes back, every publication they made has been counted.
         await publications.barrier(observer, keys.delivered_channel)
@@ -257,6 +259,10 @@ async def run_chaos(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
         await observer.aclose()
+
+
+async def _all_ready(daemons: list[DaemonProcess]) -> bool:
+    return all(d.ready() for d in daemons)
 
 
 class Progress:

@@ -88,7 +88,7 @@ def test_errored_result_is_the_apis_status_and_envelope(front: FrontThread) -> N
     bad_role = {
         "model": "claude-haiku-4-5",
         "max_tokens": 8,
-        "messages": [{"role": "system", "content": "x"}],
+        "messages": [{"role": "robot", "content": "x"}],
     }
     with sdk(front) as client, pytest.raises(anthropic.BadRequestError) as info:
         client.messages.create(**bad_role)

@@ -115,7 +115,7 @@ async def test_beta_create_returns_beta_message_with_betas_and_headers(
 async def test_errored_result_raises_the_sdks_error_once(
     client: batchd.AsyncAnthropic, backend: MemoryBackend
 ) -> None:
-    bad = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]}
+    bad = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "robot", "content": "x"}]}
     with pytest.raises(anthropic.BadRequestError) as info:
         await client.messages.create(**bad)
     assert info.value.status_code == 400

@@ -8,15 +8,17 @@ from typing import Any
 import orjson
 import pytest
 
-from batchd.emulator.answers import ParamError, answer, count_tokens
+from batchd.emulator.answers import ParamError, answer, count_tokens, prompt_tokens
+from batchd.emulator.cache import CacheKey, CacheUsage, PromptCache
 from batchd.emulator.config import EmulatorConfig
 from batchd.emulator.errors import ApiError
 from batchd.emulator.ids import message_id, rfc3339
+from batchd.emulator.limits import RpmLimiter
 from batchd.emulator.results import iter_chunks, result_order
 from batchd.emulator.store import BatchStore
 from batchd.emulator.table import Kind, RequestTable, compile_batch
 
-STREAMING = "stream: not here"
+STREAMING = "stream: Message Batches requests cannot be streamed"
 
 
 def params(text: Any = "hi", **extra: Any) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def test_answer_echoes_the_last_user_message() -> None:
                 },
             ],
         },
-        streaming_message=STREAMING,
+        in_batch=True,
     )
     assert ans.text == "echo: ab"
     assert ans.model == "claude-x"
@@ -104,12 +106,12 @@ def test_answer_echoes_the_last_user_message() -> None:
 )
 def test_answer_rejects_bad_params(bad: dict[str, Any], start: str) -> None:
     with pytest.raises(ParamError) as info:
-        answer(bad, streaming_message=STREAMING)
+        answer(bad, in_batch=True)
     assert str(info.value).startswith(start)
 
 
 def test_stream_false_is_fine() -> None:
-    assert answer(params(stream=False), streaming_message=STREAMING).text == "echo: hi"
+    assert answer(params(stream=False), in_batch=True).text == "echo: hi"
 
 
 # --- create body -> table -------------------------------------------------------------------------
@@ -301,3 +303,125 @@ def test_cut_results_stop_mid_line() -> None:
     cut = b"".join(iter_chunks(batch, outcome, cut=(10, 0.5)))
     assert full.startswith(cut)
     assert cut.count(b"\n") == 10 and not cut.endswith(b"\n")
+
+
+# --- answers for agents ---------------------------------------------------------------------------
+
+
+def tool_params(text: str, **extra: Any) -> dict[str, Any]:
+    tool = {"name": "find", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
+    return params(text, tools=[tool], **extra)
+
+
+def test_a_cue_input_may_nest_objects_and_brackets() -> None:
+    ans = answer(tool_params('[[tool:find {"q": {"deep": "a]]b"}}]]'), in_batch=True)
+    assert ans.stop_reason == "tool_use"
+    assert ans.content is not None and ans.content[0]["input"] == {"q": {"deep": "a]]b"}}
+
+
+@pytest.mark.parametrize("text", ["[[tool:find {not json}]]", "[[tool:find [1, 2]]]", "[[tool:nope]]"])
+def test_a_cue_that_cannot_be_a_call_leaves_the_echo(text: str) -> None:
+    ans = answer(tool_params(text), in_batch=True)
+    assert ans.content is None and ans.text == f"echo: {text}" and ans.stop_reason == "end_turn"
+
+
+def test_tool_ids_are_deterministic_and_differ_per_turn() -> None:
+    one = answer(tool_params("[[tool:find]]"), in_batch=True).content
+    again = answer(tool_params("[[tool:find]]"), in_batch=True).content
+    assert one is not None and again is not None and one[0]["id"] == again[0]["id"]
+    later = tool_params("[[tool:find]]")
+    later["messages"] = [
+        {"role": "user", "content": "start"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "[[tool:find]]"},
+    ]
+    other = answer(later, in_batch=True).content
+    assert other is not None and other[0]["id"] != one[0]["id"]
+
+
+def test_output_tokens_cover_every_block() -> None:
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    ans = answer(params("hello", max_tokens=2048, thinking=thinking), in_batch=True)
+    assert ans.content is not None
+    thought, text = ans.content
+    chars = len(str(thought["thinking"])) + len(str(text["text"]))
+    assert ans.output_tokens == count_tokens(chars)
+    omitted = answer(
+        params("hello", max_tokens=2048, thinking={**thinking, "display": "omitted"}), in_batch=True
+    )
+    assert omitted.content is not None and omitted.content[0]["thinking"] == ""
+    assert omitted.content[0]["signature"]
+
+
+# --- prompt cache keys ----------------------------------------------------------------------------
+
+
+def test_the_cache_prefix_ends_at_the_last_breakpoint_in_api_order() -> None:
+    mark = {"type": "ephemeral"}
+    p = params(
+        [{"type": "text", "text": "a" * 400, "cache_control": mark}, {"type": "text", "text": "tail"}],
+        system=[{"type": "text", "text": "s" * 40}],
+        tools=[
+            {
+                "name": "t",
+                "input_schema": {"type": "object"},
+                "cache_control": {"type": "ephemeral", "ttl": "1h"},
+            }
+        ],
+    )
+    total, key = prompt_tokens(p)
+    assert key is not None and key.ttl == 300.0  # the last breakpoint's TTL
+    tool_chars = len(orjson.dumps({"name": "t", "input_schema": {"type": "object"}}))
+    assert key.tokens == -(-(tool_chars + 40 + 400) // 4)
+    assert total == count_tokens(tool_chars + 40 + 400 + 4)
+    # The same prefix with another TTL or another tail is the same cache entry; another model is not.
+    same = prompt_tokens({**p, "messages": [{"role": "user", "content": [p["messages"][0]["content"][0]]}]})[
+        1
+    ]
+    assert same is not None and same.digest == key.digest
+    other_model = prompt_tokens({**p, "model": "other"})[1]
+    assert other_model is not None and other_model.digest != key.digest
+    assert prompt_tokens(params("no breakpoint"))[1] is None
+
+
+def test_prompt_cache_reads_writes_and_origins() -> None:
+    cache = PromptCache()
+    key = CacheKey(b"k", 500, 300.0)
+
+    def use(at: float, *, batch: bool = True, visible: float | None = None) -> CacheUsage | None:
+        seen = visible if visible is not None else at + 1
+        return cache.use("key", key, at=at, visible_at=seen, from_batch=batch, min_tokens=100, now=0.0)
+
+    assert use(10) == CacheUsage(write_5m=500)
+    assert use(10.5) == CacheUsage(write_5m=500)  # not visible yet
+    assert use(11) == CacheUsage(read=500)
+    assert use(11 + 299) == CacheUsage(read=500)  # each read extends the entry's life
+    assert use(310 + 301) == CacheUsage(write_5m=500)  # expired
+    assert (
+        cache.use(
+            "key", CacheKey(b"short", 99, 300.0), at=0, visible_at=0, from_batch=True, min_tokens=100, now=0.0
+        )
+        is None
+    )
+
+    assert use(2000, batch=False) == CacheUsage(write_5m=500)
+    assert use(2005) == CacheUsage(write_5m=500)  # batches never read a real-time write
+    assert use(2010, batch=False) == CacheUsage(read=500)  # real time reads either
+    long = CacheKey(b"long", 10, 3600.0)
+    assert cache.use("key", long, at=0, visible_at=0, from_batch=True, min_tokens=1, now=0.0) == CacheUsage(
+        write_1h=10
+    )
+
+
+# --- the RPM window -------------------------------------------------------------------------------
+
+
+def test_rpm_limiter_slides_over_sixty_seconds() -> None:
+    limiter = RpmLimiter()
+    assert [limiter.admit("k", 0.0, 2), limiter.admit("k", 10.0, 2)] == [None, None]
+    assert limiter.admit("k", 10.0, 2) == 50
+    assert limiter.admit("other", 10.0, 2) is None
+    assert limiter.admit("k", 59.5, 2) == 1  # never 0: the SDK would retry at once
+    assert limiter.admit("k", 60.0, 2) is None
+    assert limiter.admit("k", 60.0, 1) == 60  # a lowered limit: both calls in the window must leave it
+    assert limiter.admit("k", 60.0, 0) is None  # 0 = unlimited

@@ -7,10 +7,12 @@ Precedence, highest first: explicit keyword arguments, environment, the secrets 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +21,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .store.connection import parse_redis_url
 
 __all__ = ["API_MAX_BATCH_BYTES", "API_MAX_BATCH_REQUESTS", "Settings", "load_settings"]
 
@@ -64,7 +67,8 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    # Where the queue lives. rediss:// and user:password@ (ACL) URLs are passed to redis-py as they are.
+    # Where the queue lives. redis://, rediss:// and unix:// URLs (user:password@ for ACLs) are passed to
+    # redis-py as they are; redis+sentinel:// finds the primary through Sentinel (store/connection.py).
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Namespace of every key; two deployments can share one Redis with different prefixes.
     key_prefix: str = Field(default="batchd", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
@@ -95,6 +99,16 @@ class Settings(BaseSettings):
     # Longest run of one job (a create upload, a results fan-out). A replica killed mid-job leaves the job
     # to be re-run after this (plus 10 s), so it also bounds recovery time after a crash.
     job_timeout_seconds: float = Field(default=300.0, ge=5)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        try:
+            parse_redis_url(value)
+        except ValueError as exc:
+            # A custom error type keeps pydantic's "Value error, " prefix out of the one-line message.
+            raise PydanticCustomError("redis_url", str(exc)) from None
+        return value
 
     @field_validator("poll_max_seconds")
     @classmethod
@@ -137,7 +151,9 @@ class Settings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:pass@host`` -> ``redis://user:***@host``: a Redis password must not reach logs."""
+    """``redis://user:pass@host`` -> ``redis://user:***@host``: a Redis password must not reach logs (nor
+    a sentinel password: ``?sentinel_password=***``)."""
+    url = _SENTINEL_PASSWORD.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
@@ -145,6 +161,8 @@ def redact_url(url: str) -> str:
     user = creds.split(":", 1)[0] if ":" in creds else ""
     return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
 
+
+_SENTINEL_PASSWORD = re.compile(r"([?&]sentinel_password=)[^&#]*")
 
 # Set by load_settings(config_path=...) for the duration of one construction; keeps Settings() usable bare.
 _CONFIG_PATH_OVERRIDE: str | None = None

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # Where the queue lives. redis://, rediss:// and unix:// URLs (user:password@ for ACLs) are passed to
     # redis-py as they are; redis+sentinel:// finds the primary through Sentinel (store/connection.py).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A submit returns once its write is on this many replicas (Redis WAIT); 0: once the primary has it.
+    redis_min_replicas_ack: int = Field(default=0, ge=0, le=100)
+    redis_min_replicas_ack_timeout_seconds: float = Field(default=1.0, gt=0, le=60)
     # Namespace of every key; two deployments can share one Redis with different prefixes.
     key_prefix: str = Field(default="batchd", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 

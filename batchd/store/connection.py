@@ -21,7 +21,9 @@ The hosts are the sentinels (port 26379 unless given); ``user:password`` is for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -34,6 +36,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from ..errors import ReplicationTimeout
+from .keys import Keys
+
 __all__ = [
     "CLIENT_SOCKET_TIMEOUT",
     "SENTINEL_SCHEME",
@@ -41,7 +46,9 @@ __all__ = [
     "SentinelUrl",
     "connect",
     "connection_pool",
+    "one_connection",
     "parse_redis_url",
+    "require_replicas",
 ]
 
 Purpose = Literal["client", "daemon", "jobs"]
@@ -243,3 +250,45 @@ def connect(
     """A client on its own pool; ``await client.aclose(close_connection_pool=True)`` releases both."""
     pool = connection_pool(url, purpose, max_connections=max_connections, socket_timeout=socket_timeout)
     return aioredis.Redis(connection_pool=pool)
+
+
+# --- acknowledged writes (Redis WAIT) ---------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def one_connection(redis: aioredis.Redis, *, pinned: bool) -> AsyncIterator[aioredis.Redis]:
+    """``redis`` itself, or (``pinned``) a client on one connection of its pool, released at the end: the
+    write and the WAIT that acknowledges it must go through the same connection."""
+    if not pinned:
+        yield redis
+        return
+    client = redis.client()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def require_replicas(
+    redis: aioredis.Redis, keys: Keys, replicas: int, timeout: float, rids: Sequence[str]
+) -> None:
+    """Return once ``replicas`` replicas hold every write the pinned client ``redis`` has made, and all the
+    primary had before; raise ReplicationTimeout naming ``rids`` if they do not within ``timeout``.
+
+    WAIT counts the replicas that have every write made through *its own connection*. A PUBLISH (propagated
+    to replicas; harmless, nobody subscribes to that channel) first moves the connection's replication
+    offset to the primary's current one, so a write made earlier through another connection (the first
+    submit of an id that is now resubmitted, a no-op) is waited for too.
+    """
+    conn = redis.connection
+    if conn is None or not conn.is_connected:
+        # A new connection would acknowledge writes of its own only (or another primary's).
+        raise RedisConnectionError("lost the connection of the write before its replication was confirmed")
+    wait_ms = max(1, round(timeout * 1000))  # WAIT 0 would wait for ever
+    barrier = ("PUBLISH", f"{keys.tag}:replication-barrier", b"")
+    await conn.send_packed_command(
+        conn.pack_commands([barrier, ("WAIT", replicas, wait_ms)]), check_health=False
+    )
+    await conn.read_response()
+    # WAIT answers after up to `timeout`: read it with that much more than the usual socket timeout.
+    acked = int(await conn.read_response(timeout=timeout + (conn.socket_timeout or CLIENT_SOCKET_TIMEOUT)))
+    if acked < replicas:
+        raise ReplicationTimeout(rids, replicas, acked, timeout)

@@ -1,19 +1,25 @@
-"""Redis Sentinel: ``redis+sentinel://`` URLs for the clients, the daemon and arq.
+"""Redis Sentinel: ``redis+sentinel://`` URLs for the clients, the daemon and arq, and a failover.
 
 Every server is a private ``redis-server`` started by the test (tests/redis_ha.py): a primary, a replica and
-three sentinels.
+three sentinels. The failover test SIGKILLs the primary while callers submit and wait; the sentinels
+promote the replica; the same clients and the same daemon carry on. With ``redis_min_replicas_ack=1``
+every request a caller got accepted is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from anthropic.types.messages import MessageBatchResult
 
-from batchd import AsyncClient, Client
+from batchd import AsyncClient, Client, RedisUnavailable
 from batchd.settings import Settings, load_settings
 from batchd.store import Keys, connect
 from batchd.store.connection import connection_pool
@@ -138,3 +144,107 @@ def test_the_sync_client_works_through_sentinel(ha: RedisHA) -> None:
         assert client.peek(rid) is None
     with ha.primary.client() as primary:
         assert primary.exists(KEYS.request(rid))
+
+
+# --- failover ---------------------------------------------------------------------------------------------
+class Callers:
+    """Callers that each submit one request under their own id and await its answer, retrying as
+    docs/operations.md tells them to: on RedisUnavailable (ReplicationTimeout included), submit again with
+    the same request id, or ask for the result again."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.tasks: list[asyncio.Task[MessageBatchResult]] = []
+        self.accepted: set[str] = set()
+        self.answered: set[str] = set()
+        self.errors: Counter[str] = Counter()
+
+    def start(self) -> str:
+        rid = f"caller-{len(self.tasks):04d}"
+        self.tasks.append(asyncio.create_task(self._call(rid)))
+        return rid
+
+    async def _call(self, rid: str) -> MessageBatchResult:
+        deadline = time.monotonic() + CALLER_DEADLINE
+        while True:
+            try:
+                await self.client.submit(params(rid), request_id=rid)
+                break
+            except RedisUnavailable as exc:
+                self._note(exc, deadline)
+                await asyncio.sleep(0.05)
+        self.accepted.add(rid)
+        while True:
+            try:
+                result = await self.client.result(rid, timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except RedisUnavailable as exc:
+                self._note(exc, deadline)
+                await asyncio.sleep(0.05)
+        self.answered.add(rid)
+        return result
+
+    def _note(self, exc: RedisUnavailable, deadline: float) -> None:
+        self.errors[type(exc).__name__] += 1
+        if time.monotonic() > deadline:
+            raise exc
+
+
+async def test_failover_mid_flow_every_accepted_request_is_answered(tmp_path: Path, emulator: Any) -> None:
+    with redis_ha(tmp_path) as ha:
+        assert ha.replica is not None
+        old_primary, replica = ha.primary, ha.replica
+        settings = settings_for(ha, emulator, redis_min_replicas_ack=1)
+        async with running_daemon(settings) as daemon, AsyncClient(settings=settings) as client:
+            callers = Callers(client)
+
+            async def produce(stop: asyncio.Event) -> None:
+                # A caller every 50 ms, until told to stop: the failover happens under load.
+                while not stop.is_set():
+                    callers.start()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.05)
+
+            stop = asyncio.Event()
+            producer = asyncio.create_task(produce(stop))
+            try:
+                await eventually(lambda: _async(len(callers.answered) >= 5), what="answers before the kill")
+                in_flight = len(callers.accepted - callers.answered)
+                old_primary.kill()  # SIGKILL: nothing flushed, no goodbye to the replica
+                killed_at = time.monotonic()
+
+                await eventually(lambda: _async(ha.promoted(replica)), timeout=30, what="replica promoted")
+                promoted_in = time.monotonic() - killed_at
+                # The new primary has no replica yet: a submit is written but cannot be acknowledged.
+                await eventually(
+                    lambda: _async(callers.errors["ReplicationTimeout"] > 0),
+                    timeout=15,
+                    what="a submit refused for want of a replica",
+                )
+                # The old primary comes back as a replica of the new one (as an operator, or sentinel
+                # itself, would make it); acknowledged submits resume.
+                ha.start_replica(old_primary.dir, of=replica, port=old_primary.port)
+                resumed = len(callers.accepted)
+                await eventually(
+                    lambda: _async(len(callers.accepted) >= resumed + 5), timeout=30, what="submits resume"
+                )
+            finally:
+                stop.set()
+                await producer
+            results = await asyncio.wait_for(asyncio.gather(*callers.tasks), CALLER_DEADLINE + 15)
+
+            assert not daemon.stop_event.is_set()  # the same daemon carried on throughout
+        summary = (
+            f"{len(callers.tasks)} callers, {in_flight} in flight at the kill, "
+            f"promoted after {promoted_in:.1f}s, retries {dict(callers.errors)}, emulator {emulator.stats()}"
+        )
+        assert (
+            callers.answered == callers.accepted == {f"caller-{i:04d}" for i in range(len(callers.tasks))}
+        ), summary
+        for i, result in enumerate(results):
+            assert result.type == "succeeded", (i, result)
+            assert result.message.content[0].text == f"echo: caller-{i:04d}", (i, summary)  # type: ignore[union-attr]
+        # The kill landed mid-flow: callers saw Redis go away, and the new primary refuse to acknowledge.
+        assert callers.errors["RedisUnavailable"] > 0, summary
+        assert callers.errors["ReplicationTimeout"] > 0, summary
+        print(summary)

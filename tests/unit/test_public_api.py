@@ -17,6 +17,7 @@ PUBLIC = {
     "InvalidRequestId",
     "QueueFull",
     "RedisUnavailable",
+    "ReplicationTimeout",
     "RequestCanceled",
     "RequestErrored",
     "RequestExpired",

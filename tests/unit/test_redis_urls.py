@@ -1,7 +1,8 @@
 """BATCHD_REDIS_URL: the URL forms batchd accepts (redis+sentinel:// among them), the ones it refuses at
 settings load with one line naming the setting (the CLI exits 2), and the passwords it never shows.
 
-Sentinel against real servers is in tests/integration/test_redis_sentinel.py.
+The acknowledgement settings are checked here too; their behaviour against real replicas is in
+tests/integration/test_replica_ack.py, sentinel failover in tests/integration/test_redis_sentinel.py.
 """
 
 from __future__ import annotations
@@ -152,3 +153,32 @@ def test_redact_url_masks_every_password_of_a_sentinel_url() -> None:
     settings = load_settings(redis_url=url)
     for text in (repr(settings), str(settings), str(settings.redacted())):
         assert PASSWORD not in text and SENTINEL_PASSWORD not in text
+
+
+# --- the acknowledgement settings -------------------------------------------------------------------------
+def test_the_acknowledgement_is_off_by_default() -> None:
+    settings = load_settings()
+    assert settings.redis_min_replicas_ack == 0
+    assert settings.redis_min_replicas_ack_timeout_seconds == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("BATCHD_REDIS_MIN_REPLICAS_ACK", "-1"),
+        ("BATCHD_REDIS_MIN_REPLICAS_ACK", "101"),
+        ("BATCHD_REDIS_MIN_REPLICAS_ACK", "one"),
+        ("BATCHD_REDIS_MIN_REPLICAS_ACK_TIMEOUT_SECONDS", "0"),
+        ("BATCHD_REDIS_MIN_REPLICAS_ACK_TIMEOUT_SECONDS", "-1"),
+        ("BATCHD_REDIS_MIN_REPLICAS_ACK_TIMEOUT_SECONDS", "61"),
+        ("BATCHD_REDIS_MIN_REPLICAS_ACK_TIMEOUT_SECONDS", "inf"),
+        ("BATCHD_REDIS_MIN_REPLICAS_ACK_TIMEOUT_SECONDS", "nan"),
+    ],
+)
+def test_bad_acknowledgement_settings_name_the_setting(
+    name: str, raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(f"{name}:")

@@ -43,10 +43,12 @@ from .store import (
     EnqueueRefused,
     Keys,
     NewRequest,
+    Scripts,
     Store,
     connect,
     now_ms,
 )
+from .store.connection import one_connection, require_replicas
 from .validation import encode_params, new_request_id, validate_request_id
 from .waiter import ResultWaiter
 
@@ -195,13 +197,19 @@ class AsyncClient:
     async def _enqueue(self, chunk: list[tuple[str, bytes]], accepted: list[str]) -> tuple[int, int] | None:
         """Queue the chunk atomically: None if it was written, else the queue's (requests, bytes) that
         refused it (nothing written). Raises RequestConflict for a known id with other params."""
-        async with redis_errors():
-            reply = await self._store.scripts.enqueue(
+        acks = self.settings.redis_min_replicas_ack
+        # With acks, the write and its WAIT must share one connection (see store.require_replicas).
+        async with redis_errors(), one_connection(self._redis, pinned=acks > 0) as redis:
+            scripts = Scripts(redis, self._store.keys) if acks else self._store.scripts
+            reply = await scripts.enqueue(
                 [NewRequest(rid, body) for rid, body in chunk],
                 now_ms=now_ms(),
                 max_requests=self.settings.max_queued_requests,
                 max_bytes=self.settings.max_queued_bytes,
             )
+            if acks and isinstance(reply, list):  # written: wait for the replicas
+                timeout = self.settings.redis_min_replicas_ack_timeout_seconds
+                await require_replicas(redis, self._store.keys, acks, timeout, [rid for rid, _ in chunk])
         if isinstance(reply, EnqueueRefused):
             return reply.queued_requests, reply.queued_bytes
         if isinstance(reply, EnqueueConflict):

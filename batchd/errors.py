@@ -10,6 +10,7 @@ BatchdError
 │   └── RequestTooLarge      bigger than one batch may hold
 ├── QueueFull                backpressure: the queue cap was reached (and the wait, if any, ran out)
 ├── RedisUnavailable         Redis could not be reached or refused the write (e.g. out of memory)
+│   └── ReplicationTimeout   written on the primary, not confirmed on enough replicas: resubmit the same ids
 ├── RequestNotFound          no such request id (never submitted, or its result expired)
 ├── ResultTimeout            the caller's wait ended first; the answer can be collected later by id
 └── RequestFailed            the request ended without a message
@@ -20,6 +21,8 @@ BatchdError
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "BatchdError",
     "ClientClosed",
@@ -29,6 +32,7 @@ __all__ = [
     "InvalidRequestId",
     "QueueFull",
     "RedisUnavailable",
+    "ReplicationTimeout",
     "RequestCanceled",
     "RequestConflict",
     "RequestErrored",
@@ -95,6 +99,29 @@ class QueueFull(BatchdError):
 
 class RedisUnavailable(BatchdError):
     """Redis could not be reached, or refused the write. Nothing was half-written."""
+
+
+class ReplicationTimeout(RedisUnavailable):
+    """A submit was written on the Redis primary, but fewer replicas than ``redis_min_replicas_ack``
+    confirmed it within ``redis_min_replicas_ack_timeout_seconds``.
+
+    The requests in ``request_ids`` are queued and will be answered unless the primary fails before they
+    reach a replica: a Sentinel failover then loses them. Submit them again *with the same ids* (idempotent:
+    a no-op for a request that is still there, queued again if it was lost) until the submit returns; never
+    under new ids, which could run and bill them twice. For ``submit_many``, the requests before these were
+    confirmed and the ones after were not written: repeating the whole call with the same ids is safe.
+    """
+
+    def __init__(self, request_ids: Sequence[str], wanted: int, acked: int, timeout: float) -> None:
+        ids = ", ".join(repr(rid) for rid in request_ids[:3]) + (", ..." if len(request_ids) > 3 else "")
+        super().__init__(
+            f"{len(request_ids)} request(s) ({ids}) queued on the Redis primary but confirmed by {acked} of "
+            f"the {wanted} replicas required within {timeout:g}s: they may not survive a failover; "
+            f"submit them again with the same request ids"
+        )
+        self.request_ids = list(request_ids)
+        self.wanted = wanted
+        self.acked = acked
 
 
 class RequestNotFound(BatchdError):

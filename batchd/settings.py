@@ -7,10 +7,12 @@ Precedence, highest first: explicit keyword arguments, environment, the secrets 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +21,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .store.connection import parse_redis_url
 
 __all__ = ["API_MAX_BATCH_BYTES", "API_MAX_BATCH_REQUESTS", "Settings", "load_settings"]
 
@@ -68,8 +71,12 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
     )
 
-    # Where the queue lives. rediss:// and user:password@ (ACL) URLs are passed to redis-py as they are.
+    # Where the queue lives. redis://, rediss:// and unix:// URLs (user:password@ for ACLs) are passed to
+    # redis-py as they are; redis+sentinel:// finds the primary through Sentinel (store/connection.py).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A submit returns once its write is on this many replicas (Redis WAIT); 0: once the primary has it.
+    redis_min_replicas_ack: int = Field(default=0, ge=0, le=100)
+    redis_min_replicas_ack_timeout_seconds: float = Field(default=1.0, gt=0, le=60)
     # Namespace of every key; two deployments can share one Redis with different prefixes.
     key_prefix: str = Field(default="batchd", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
@@ -119,6 +126,16 @@ class Settings(BaseSettings):
     http_token_file: Path | None = None
     # A waiting stream sends an SSE ping this often, so proxies keep the idle connection open.
     http_ping_seconds: float = Field(default=15.0, gt=0, le=300)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        try:
+            parse_redis_url(value)
+        except ValueError as exc:
+            # A custom error type keeps pydantic's "Value error, " prefix out of the one-line message.
+            raise PydanticCustomError("redis_url", str(exc)) from None
+        return value
 
     @field_validator("poll_max_seconds")
     @classmethod
@@ -187,7 +204,9 @@ class Settings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:pass@host`` -> ``redis://user:***@host``: a Redis password must not reach logs."""
+    """``redis://user:pass@host`` -> ``redis://user:***@host``: a Redis password must not reach logs (nor
+    a sentinel password: ``?sentinel_password=***``)."""
+    url = _SENTINEL_PASSWORD.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
@@ -195,6 +214,8 @@ def redact_url(url: str) -> str:
     user = creds.split(":", 1)[0] if ":" in creds else ""
     return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
 
+
+_SENTINEL_PASSWORD = re.compile(r"([?&]sentinel_password=)[^&#]*")
 
 # Set by load_settings(config_path=...) for the duration of one construction; keeps Settings() usable bare.
 _CONFIG_PATH_OVERRIDE: str | None = None

@@ -19,6 +19,7 @@ PUBLIC = {
     "InvalidRequestId",
     "QueueFull",
     "RedisUnavailable",
+    "ReplicationTimeout",
     "RequestCanceled",
     "RequestConflict",
     "RequestErrored",

@@ -18,6 +18,8 @@ SECRET = "sk-ant-very-secret-value"
 
 DEFAULTS: dict[str, Any] = {
     "redis_url": "redis://127.0.0.1:6379/0",
+    "redis_min_replicas_ack": 0,
+    "redis_min_replicas_ack_timeout_seconds": 1.0,
     "key_prefix": "batchd",
     "anthropic_api_key": None,
     "anthropic_base_url": None,
@@ -50,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
 # makes a new setting without a row fail, so none can be left untested.
 ENV_CASES: dict[str, tuple[str, Any]] = {
     "redis_url": ("redis://user:pw@redis.example:6380/2", "redis://user:pw@redis.example:6380/2"),
+    "redis_min_replicas_ack": ("1", 1),
+    "redis_min_replicas_ack_timeout_seconds": ("2.5", 2.5),
     "key_prefix": ("staging.v2", "staging.v2"),
     "anthropic_api_key": (SECRET, SECRET),
     "anthropic_base_url": ("http://127.0.0.1:8999", "http://127.0.0.1:8999"),

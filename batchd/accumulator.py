@@ -57,6 +57,8 @@ class Entry:
 
 @dataclass
 class _Buffer:
+    """The entries of one group (requests that may share a batch: the same BatchHeaders), oldest first."""
+
     entries: deque[Entry] = field(default_factory=deque)
     body_bytes: int = EMPTY_BODY_SIZE
 
@@ -71,6 +73,25 @@ class _Buffer:
         taken = [self.entries.popleft() for _ in range(min(count, len(self.entries)))]
         self.body_bytes = EMPTY_BODY_SIZE + sum(e.size for e in self.entries) + max(len(self.entries) - 1, 0)
         return taken
+
+    def due(self, max_requests: int, max_bytes: int, max_age_ms: int) -> tuple[int, Trigger] | None:
+        """How many entries to flush now, and why; None if no threshold is reached."""
+        entries = self.entries
+        if not entries:
+            return None
+        if len(entries) >= max_requests or self.body_bytes > max_bytes:
+            # Walk from the oldest: the first prefix that reaches the count or would pass the byte limit.
+            size = EMPTY_BODY_SIZE
+            for i, entry in enumerate(entries):
+                added = entry.size + (1 if i else 0)
+                if size + added > max_bytes:
+                    return (max(i, 1), Trigger.BYTES)
+                size += added
+                if i + 1 >= max_requests:
+                    return (i + 1, Trigger.COUNT)
+        if now_ms() >= entries[0].ms + max_age_ms:
+            return (len(entries), Trigger.AGE)
+        return None
 
 
 class Accumulator:
@@ -96,15 +117,16 @@ class Accumulator:
         self.on_read = on_read
         self.beat = beat
         self.dead_after_ms = int(dead_after_s * 1000)
-        self._buffer = _Buffer()
-        self._held: set[str] = set()  # entry ids in the buffer: a re-read or claimed entry is not added twice
+        # One buffer per group: requests with different batch headers (betas, version) never share a batch.
+        self._buffers: dict[str, _Buffer] = {}
+        self._held: set[str] = set()  # entry ids buffered: a re-read or claimed entry is not added twice
         self._last_claim = 0.0
 
     # --- the loop ------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         # A fresh start (also after a failure mid-flush): forget the buffer and re-read this consumer's
         # pending entries, which hold everything read and not yet moved into a flush.
-        self._buffer = _Buffer()
+        self._buffers = {}
         self._held.clear()
         await self.store.intake.ensure_group()
         await self._read_own_pending()
@@ -119,8 +141,9 @@ class Accumulator:
             self._last_claim = time.monotonic()
             await self.claim_from_dead()
         block_ms: int | None = int(_MAX_BLOCK_S * 1000)
-        if self._buffer.entries:
-            remaining = self._buffer.entries[0].ms + self.max_age_ms - now_ms()
+        oldest = min((b.entries[0].ms for b in self._buffers.values() if b.entries), default=None)
+        if oldest is not None:
+            remaining = oldest + self.max_age_ms - now_ms()
             if remaining <= _REDIS_TIMER_SLACK_MS:
                 # Redis checks BLOCK timeouts only every 1/hz s (100 ms at the default hz 10), so the last
                 # stretch to the age deadline is timed here, then whatever arrived meanwhile is read.
@@ -128,8 +151,8 @@ class Accumulator:
                 block_ms = None
             else:
                 block_ms = min(int(_MAX_BLOCK_S * 1000), remaining - _REDIS_TIMER_SLACK_MS)
-        room = max(1, min(_READ_COUNT, self.max_requests - len(self._buffer.entries)))
-        first = self._add(await self.store.intake.read_new(self.consumer, count=room, block_ms=block_ms))
+        entries = await self.store.intake.read_new(self.consumer, count=_READ_COUNT, block_ms=block_ms)
+        first = self._add(entries)
         if first:
             self.on_read(first)
         await self._flush_due()
@@ -182,40 +205,34 @@ class Accumulator:
             entry = Entry.of(intake)
             self._held.add(intake.entry_id)
             first_attempts += entry.first_attempt
-            self._buffer.add(entry)
+            self._buffers.setdefault(intake.group, _Buffer()).add(entry)
         return first_attempts
 
-    def due(self) -> tuple[int, Trigger] | None:
-        """How many buffered entries to flush now, and why; None if no threshold is reached."""
-        entries = self._buffer.entries
-        if not entries:
-            return None
-        if len(entries) >= self.max_requests or self._buffer.body_bytes > self.max_bytes:
-            # Walk from the oldest: the first prefix that reaches the count or would pass the byte limit.
-            size = EMPTY_BODY_SIZE
-            for i, entry in enumerate(entries):
-                added = entry.size + (1 if i else 0)
-                if size + added > self.max_bytes:
-                    return (max(i, 1), Trigger.BYTES)
-                size += added
-                if i + 1 >= self.max_requests:
-                    return (i + 1, Trigger.COUNT)
-        if now_ms() >= entries[0].ms + self.max_age_ms:
-            return (len(entries), Trigger.AGE)
+    def due(self) -> tuple[str, int, Trigger] | None:
+        """The group to flush now, how many of its entries, and why; None if no threshold is reached."""
+        for group, buffer in self._buffers.items():
+            decision = buffer.due(self.max_requests, self.max_bytes, self.max_age_ms)
+            if decision is not None:
+                return (group, *decision)
         return None
 
     async def _flush_due(self) -> None:
         while (decision := self.due()) is not None:
-            count, trigger = decision
-            await self.flush(self._buffer.take(count), trigger)
+            group, count, trigger = decision
+            buffer = self._buffers[group]
+            entries = buffer.take(count)
+            if not buffer.entries:
+                del self._buffers[group]
+            await self.flush(entries, trigger, group)
 
-    async def flush(self, entries: list[Entry], trigger: Trigger) -> str | None:
-        """Move entries into a new flush record, chunk by chunk, then seal it. Returns the flush id."""
+    async def flush(self, entries: list[Entry], trigger: Trigger, group: str = "") -> str | None:
+        """Move entries (all of ``group``) into a new flush record, chunk by chunk, then seal it. Returns the
+        flush id."""
         fid = f"{now_ms()}-{uuid.uuid4().hex[:12]}"
         moved = moved_bytes = 0
         for start in range(0, len(entries), FLUSH_CHUNK):
             chunk = [e.intake for e in entries[start : start + FLUSH_CHUNK]]
-            n, nbytes = await self.store.scripts.commit_flush(fid, chunk, now_ms=now_ms())
+            n, nbytes = await self.store.scripts.commit_flush(fid, chunk, now_ms=now_ms(), group=group)
             moved += n
             moved_bytes += nbytes
         for e in entries:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from .store import BatchHeaders
 from .translate import ApiError, ApiRequest
 
 if TYPE_CHECKING:
@@ -43,11 +44,11 @@ class Backend(Protocol):
 
 
 class ClientBackend:
-    """The Backend over today's ``AsyncClient`` (batchd's Redis queue), until the queue carries everything.
+    """The Backend over batchd's ``AsyncClient`` (the Redis queue).
 
-    The queue does not yet carry betas, per-batch headers, routes, deadlines or tags (issues 11-13): a
-    request that needs one is refused with a 400 naming it rather than sent without it. The batch is created
-    with the daemon's own ``anthropic-version``.
+    Betas, the API version and the workspace / user-profile headers travel with the request as its batch's
+    headers. The queue does not carry routes other than ``batch`` or tags yet: a request that asks for one
+    is refused with a 400 naming it rather than sent without it.
     """
 
     def __init__(self, client: AsyncClient) -> None:
@@ -57,8 +58,6 @@ class ClientBackend:
         unsupported = [
             name
             for name, given in (
-                ("anthropic-beta", request.betas),
-                ("anthropic-workspace-id / anthropic-user-profile-id", request.headers),
                 ("batchd-route other than batch", request.route != "batch"),
                 ("batchd-tags", request.tags),
             )
@@ -68,7 +67,14 @@ class ClientBackend:
             raise ApiError(
                 400, "invalid_request_error", f"{unsupported[0]}: not supported by this batchd queue yet"
             )
-        return await self.client.submit(request.params, request_id)
+        extra = dict(request.headers)
+        headers = BatchHeaders(
+            betas=tuple(sorted(set(request.betas))),
+            anthropic_version=request.anthropic_version,
+            workspace_id=extra.get("anthropic-workspace-id"),
+            user_profile_id=extra.get("anthropic-user-profile-id"),
+        )
+        return await self.client.submit(request.params, request_id, headers=headers)
 
     async def wait(self, request_id: str, timeout: float | None) -> bytes | None:
         # The raw line, not the client's parsed model: it keeps blocks the installed SDK does not know.

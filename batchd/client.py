@@ -14,30 +14,28 @@ from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
-from anthropic.types import Message
-from anthropic.types.messages import MessageBatchIndividualResponse, MessageBatchResult
+from anthropic.types.messages import MessageBatchResult
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import apispec
 from .errors import (
     ClientClosed,
     InvalidParams,
     QueueFull,
     RedisUnavailable,
-    RequestCanceled,
     RequestConflict,
-    RequestErrored,
-    RequestExpired,
-    RequestFailed,
     RequestNotFound,
     RequestTooLarge,
     ResultTimeout,
 )
+from .messages import AsyncBeta, AsyncMessages, result_of
 from .settings import Settings, load_settings, redact_url
 from .store import (
     CLIENT_SOCKET_TIMEOUT,
+    BatchHeaders,
     CancelOutcome,
     EnqueueConflict,
     EnqueueRefused,
@@ -52,7 +50,7 @@ from .store.connection import one_connection, require_replicas
 from .validation import encode_params, new_request_id, validate_request_id
 from .waiter import ResultWaiter
 
-__all__ = ["DEFAULT_RESULT_TIMEOUT", "AsyncClient", "raise_for_result", "redis_errors"]
+__all__ = ["DEFAULT_RESULT_TIMEOUT", "AsyncClient", "redis_errors"]
 
 T = TypeVar("T")
 
@@ -61,8 +59,6 @@ T = TypeVar("T")
 _SUBMIT_CHUNK = 500
 _SUBMIT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_RESULT_TIMEOUT = 600.0
-# SDK-only keyword arguments of messages.create that have no meaning inside a batch.
-_UNSUPPORTED_SDK_KWARGS = ("extra_headers", "extra_query")
 
 
 class AsyncClient:
@@ -99,7 +95,8 @@ class AsyncClient:
         self._store = Store(redis, Keys(key_prefix or settings.key_prefix))
         self._waiter = ResultWaiter(self._store)
         self._closed = False
-        self.messages = AsyncMessages(self)
+        self.messages = AsyncMessages(self, DEFAULT_RESULT_TIMEOUT)
+        self.beta = AsyncBeta(self, DEFAULT_RESULT_TIMEOUT)
 
     def __repr__(self) -> str:
         prefix = self._store.keys.prefix
@@ -126,13 +123,28 @@ class AsyncClient:
 
     # --- submit --------------------------------------------------------------------------------------------
     async def submit(
-        self, params: Mapping[str, Any], request_id: str | None = None, *, wait: float = 0.0
+        self,
+        params: Mapping[str, Any],
+        request_id: str | None = None,
+        *,
+        wait: float = 0.0,
+        betas: Sequence[str] = (),
+        anthropic_version: str | None = None,
+        headers: BatchHeaders | None = None,
     ) -> str:
-        """Queue one request and return its id at once. Submitting an id that exists is a no-op.
+        """Queue one request and return its id at once. Submitting an id that exists (with the same params)
+        is a no-op; with other params it is a RequestConflict.
 
-        When the queue is full, wait up to ``wait`` seconds for room, then raise QueueFull.
+        ``betas`` and ``anthropic_version`` (or ``headers``, all of a batch's headers at once) travel with
+        the request: it only shares a batch with requests sent with the same ones. When the queue is full,
+        wait up to ``wait`` seconds for room, then raise QueueFull.
         """
-        return (await self.submit_many([params], None if request_id is None else [request_id], wait=wait))[0]
+        ids = None if request_id is None else [request_id]
+        return (
+            await self.submit_many(
+                [params], ids, wait=wait, betas=betas, anthropic_version=anthropic_version, headers=headers
+            )
+        )[0]
 
     async def submit_many(
         self,
@@ -140,19 +152,20 @@ class AsyncClient:
         request_ids: Sequence[str] | None = None,
         *,
         wait: float = 0.0,
+        betas: Sequence[str] = (),
+        anthropic_version: str | None = None,
+        headers: BatchHeaders | None = None,
     ) -> list[str]:
-        """Queue many requests, pipelined; returns their ids in order.
+        """Queue many requests (all with the same batch headers), pipelined; returns their ids in order.
 
-        Every request is validated before anything is written. Chunks of requests are written atomically;
-        if the queue fills part-way, QueueFull is raised and ``exc.accepted`` holds the ids that were queued.
+        Every request is checked as the API would check it before anything is written (InvalidParams with
+        the API's message). Chunks of requests are written atomically; if the queue fills part-way,
+        QueueFull is raised and ``exc.accepted`` holds the ids that were queued.
         """
         self._check_open()
-        encoded = [
-            encode_params(
-                p, max_batch_bytes=self.settings.max_batch_bytes, max_attempts=self.settings.max_attempts
-            )
-            for p in params_list
-        ]
+        if headers is None:
+            headers = BatchHeaders(betas=tuple(sorted(set(betas))), anthropic_version=anthropic_version)
+        encoded = [self._encode(p, headers) for p in params_list]
         if request_ids is None:
             rids = [new_request_id() for _ in encoded]
         else:
@@ -172,13 +185,13 @@ class AsyncClient:
         for chunk in _chunks(list(zip(rids, encoded, strict=True))):
             backoff = 0.05
             while chunk:
-                queued = await self._enqueue(chunk, accepted)
+                queued = await self._enqueue(chunk, accepted, headers)
                 if queued is None:
                     accepted.extend(rid for rid, _ in chunk)
                     break
                 # Refused whole: queue the part that fits now, wait for room for the rest.
                 fit = _fitting_prefix(chunk, *queued, cfg.max_queued_requests, cfg.max_queued_bytes)
-                if fit and await self._enqueue(chunk[:fit], accepted) is None:
+                if fit and await self._enqueue(chunk[:fit], accepted, headers) is None:
                     accepted.extend(rid for rid, _ in chunk[:fit])
                     chunk = chunk[fit:]
                     continue
@@ -194,7 +207,20 @@ class AsyncClient:
                 backoff = min(backoff * 2, 1.0)
         return rids
 
-    async def _enqueue(self, chunk: list[tuple[str, bytes]], accepted: list[str]) -> tuple[int, int] | None:
+    def _encode(self, params: Mapping[str, Any], headers: BatchHeaders) -> bytes:
+        """The params as stored and sent, once they pass the checks the API would make in the batch."""
+        body = encode_params(
+            params, max_batch_bytes=self.settings.max_batch_bytes, max_attempts=self.settings.max_attempts
+        )
+        try:
+            apispec.check_params(params, betas=headers.betas, in_batch=True)
+        except apispec.ParamError as exc:
+            raise InvalidParams(str(exc)) from None
+        return body
+
+    async def _enqueue(
+        self, chunk: list[tuple[str, bytes]], accepted: list[str], headers: BatchHeaders
+    ) -> tuple[int, int] | None:
         """Queue the chunk atomically: None if it was written, else the queue's (requests, bytes) that
         refused it (nothing written). Raises RequestConflict for a known id with other params."""
         acks = self.settings.redis_min_replicas_ack
@@ -202,7 +228,7 @@ class AsyncClient:
         async with redis_errors(), one_connection(self._redis, pinned=acks > 0) as redis:
             scripts = Scripts(redis, self._store.keys) if acks else self._store.scripts
             reply = await scripts.enqueue(
-                [NewRequest(rid, body) for rid, body in chunk],
+                [NewRequest(rid, body, headers) for rid, body in chunk],
                 now_ms=now_ms(),
                 max_requests=self.settings.max_queued_requests,
                 max_bytes=self.settings.max_queued_bytes,
@@ -228,7 +254,7 @@ class AsyncClient:
         line = await self.result_line(request_id, timeout)
         if line is None:
             raise ResultTimeout(request_id, timeout if timeout is not None else float("inf"))
-        return _parse(request_id, line)
+        return result_of(request_id, line)
 
     async def result_line(self, request_id: str, timeout: float | None) -> bytes | None:
         """The stored results line as the API wrote it (``{"custom_id", "result"}`` JSON), or None if
@@ -251,7 +277,7 @@ class AsyncClient:
     async def peek(self, request_id: str) -> MessageBatchResult | None:
         """The result if it has arrived, else None; never waits."""
         line = await self.peek_line(request_id)
-        return None if line is None else _parse(request_id, line)
+        return None if line is None else result_of(request_id, line)
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request. Returns True if it was still queued (it will never be sent to the API), False
@@ -274,48 +300,6 @@ class AsyncClient:
         self._check_open()
         async with redis_errors():
             await self._redis.ping()
-
-
-class AsyncMessages:
-    """``client.messages``: the SDK's non-streaming ``messages.create``, answered at batch prices."""
-
-    def __init__(self, client: AsyncClient) -> None:
-        self._client = client
-
-    async def create(self, *, timeout: float | None = DEFAULT_RESULT_TIMEOUT, **kwargs: Any) -> Message:
-        """Same keyword arguments as ``anthropic.AsyncAnthropic().messages.create`` (without streaming).
-
-        Returns the SDK's Message; raises RequestErrored/RequestCanceled/RequestExpired when the request
-        ends without one, ResultTimeout (with the request id) when ``timeout`` passes first.
-        """
-        params = sdk_kwargs_to_params(kwargs)
-        rid = await self._client.submit(params)
-        result = await self._client.result(rid, timeout=timeout)
-        return raise_for_result(rid, result)
-
-
-def sdk_kwargs_to_params(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """messages.create keyword arguments -> batch params: drop NOT_GIVEN/omit, merge extra_body."""
-    params: dict[str, Any] = {}
-    for name, value in kwargs.items():
-        if _is_not_given(value):
-            continue
-        if name in _UNSUPPORTED_SDK_KWARGS:
-            raise InvalidParams(f"{name} cannot be sent with a batch request")
-        if name == "extra_body":
-            if value is not None:
-                params.update(value)
-            continue
-        params[name] = value
-    return params
-
-
-def _is_not_given(value: object) -> bool:
-    return type(value).__name__ in {"NotGiven", "Omit"}
-
-
-def parse_result_line(line: bytes) -> MessageBatchResult:
-    return MessageBatchIndividualResponse.model_validate(orjson.loads(line)).result
 
 
 def _refuse_conflicting_duplicates(rids: Sequence[str], bodies: Sequence[bytes]) -> None:
@@ -354,29 +338,6 @@ def _fitting_prefix(
         if n > max_n or nbytes > max_bytes:
             return i
     return len(chunk)
-
-
-def _parse(request_id: str, line: bytes) -> MessageBatchResult:
-    try:
-        return parse_result_line(line)
-    except ValueError as exc:  # orjson's JSONDecodeError and pydantic's ValidationError
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise RequestFailed(
-            request_id, f"request {request_id!r} has a result batchd cannot read: {reason}"
-        ) from None
-
-
-def raise_for_result(request_id: str, result: MessageBatchResult) -> Message:
-    """The Message of a succeeded result, or the typed batchd error for any other result."""
-    if result.type == "succeeded":
-        return result.message
-    if result.type == "errored":
-        envelope = result.error
-        error = envelope.error
-        raise RequestErrored(request_id, error.type, error.message)
-    if result.type == "canceled":
-        raise RequestCanceled(request_id)
-    raise RequestExpired(request_id)
 
 
 @contextlib.asynccontextmanager

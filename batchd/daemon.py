@@ -267,11 +267,12 @@ class Daemon:
                     return
             except asyncio.CancelledError:
                 raise
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                lost_redis = True
-                log.warning("%s: Redis unreachable (%s); reconnecting in %.1fs", name, exc, backoff)
-            except Exception:
-                log.exception("%s failed; restarting in %.1fs", name, backoff)
+            except Exception as exc:
+                if _lost_redis(exc):
+                    lost_redis = True
+                    log.warning("%s: Redis unreachable (%s); reconnecting in %.1fs", name, exc, backoff)
+                else:
+                    log.exception("%s failed; restarting in %.1fs", name, backoff)
             if time.monotonic() - started > 30:
                 backoff = 0.2
             with contextlib.suppress(TimeoutError):
@@ -333,6 +334,19 @@ class Daemon:
     async def _check_api(self) -> bool:
         await self.api.messages.batches.list(limit=1)
         return True
+
+
+def _lost_redis(exc: BaseException) -> bool:
+    """A lost connection to Redis, however redis-py wraps it (a WatchError raised because the connection
+    under a WATCH broke, for one)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 async def _cancel_all(tasks: list[asyncio.Task[Any]], *, deadline: float) -> None:

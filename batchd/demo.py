@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from . import pricing
 from .client import AsyncClient
 from .daemon import Daemon
-from .errors import RequestErrored, RequestFailed
+from .errors import InvalidParams, RequestErrored, RequestFailed
 from .settings import Settings, load_settings
 
 __all__ = ["run_demo"]
@@ -160,16 +160,20 @@ async def _drive(settings: Settings, total: int, out: IO[str]) -> int:
 async def _call(client: AsyncClient, n: int, kind: str, tally: _Tally) -> None:
     model = MODELS[n % len(MODELS)]
     text = f"request {n}: {_LONG_PROMPT}" if kind == "long" else f"request {n}: what is {n} + {n}?"
-    # Every 50th request is invalid on purpose (max_tokens 0): the API's own error reaches the caller.
+    # Every 50th request is invalid on purpose (max_tokens 0): batchd refuses it at submit with the API's
+    # own message, rather than let its caller wait a whole batch for the same 400.
     max_tokens = 0 if n % 50 == 49 else 64
     t0 = time.monotonic()
     try:
         message = await client.messages.create(
             model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": text}], timeout=120
         )
-    except RequestErrored as exc:
+    except InvalidParams as exc:
+        tally.answers["refused"] += 1
+        tally.errors[str(exc)] += 1
+        return
+    except RequestErrored:
         tally.answers["errored"] += 1
-        tally.errors[exc.error_type] += 1
         return
     except RequestFailed as exc:
         tally.answers[exc.result_type] += 1
@@ -197,8 +201,8 @@ def _report(out: IO[str], tally: _Tally, flushes: list[dict[str, Any]], elapsed:
     print("  triggers: " + ", ".join(f"{k} {v}" for k, v in sorted(by_trigger.items())), file=out)
     answers = ", ".join(f"{k} {v}" for k, v in sorted(tally.answers.items()))
     print(f"\nanswers: {answers}", file=out)
-    for error_type, count in sorted(tally.errors.items()):
-        print(f"  errored with {error_type}: {count} (sent with max_tokens=0 on purpose)", file=out)
+    for reason, count in sorted(tally.errors.items()):
+        print(f"  refused at submit, as the API would: {count} ({reason}; sent on purpose)", file=out)
     verdict = "yes" if tally.mismatched == 0 else f"NO: {tally.mismatched} callers got someone else's answer"
     print(f"every caller got its own answer: {verdict}", file=out)
     lat = sorted(tally.latencies)

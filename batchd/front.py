@@ -66,6 +66,9 @@ __all__ = [
     "serve_front",
 ]
 
+# The caller's token digest, for the scope of its retries (set by the auth middleware).
+_CALLER = web.RequestKey("batchd_caller", bytes)
+
 log = logging.getLogger("batchd.front")
 
 DEFAULT_PORT = 8787
@@ -253,7 +256,7 @@ class Front:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if not self._token_digests:
-            request["caller"] = b""
+            request[_CALLER] = b""
             return await handler(request)
         presented = request.headers.get("x-api-key") or None
         if presented is None:
@@ -266,7 +269,7 @@ class Front:
         matched = [hmac.compare_digest(digest, known) for known in self._token_digests]
         if not any(matched):
             return _error(ApiError(401, "authentication_error", "invalid x-api-key"), None)
-        request["caller"] = digest
+        request[_CALLER] = digest
         return await handler(request)
 
     # --- POST /v1/messages -------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ class Front:
         rid = parsed.request_id
         recent_key = None
         if rid is None:
-            recent_key = hashlib.sha256(request["caller"] + parsed.fingerprint().encode()).hexdigest()
+            recent_key = hashlib.sha256(request[_CALLER] + parsed.fingerprint().encode()).hexdigest()
             if _retry_count(request) > 0:
                 rid = self._recent.get(recent_key)
         try:

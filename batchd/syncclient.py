@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from anthropic.types import Message
+from anthropic.types.beta import BetaMessage
 from anthropic.types.messages import MessageBatchResult
 
 from .client import DEFAULT_RESULT_TIMEOUT, AsyncClient
@@ -40,6 +41,7 @@ class Client:
             raise
         self.settings = self._async.settings
         self.messages = Messages(self)
+        self.beta = Beta(self)
 
     def _run(self, coro: Awaitable[T]) -> T:
         if self._loop.is_closed():
@@ -69,8 +71,11 @@ class Client:
         self._thread.join()
         self._loop.close()
 
-    def submit(self, params: Mapping[str, Any], request_id: str | None = None, *, wait: float = 0.0) -> str:
-        return self._run(self._async.submit(params, request_id, wait=wait))
+    def submit(
+        self, params: Mapping[str, Any], request_id: str | None = None, *, wait: float = 0.0, **headers: Any
+    ) -> str:
+        """As AsyncClient.submit (``betas``, ``anthropic_version``, ``headers`` likewise)."""
+        return self._run(self._async.submit(params, request_id, wait=wait, **headers))
 
     def submit_many(
         self,
@@ -78,8 +83,9 @@ class Client:
         request_ids: Sequence[str] | None = None,
         *,
         wait: float = 0.0,
+        **headers: Any,
     ) -> list[str]:
-        return self._run(self._async.submit_many(list(params_list), request_ids, wait=wait))
+        return self._run(self._async.submit_many(list(params_list), request_ids, wait=wait, **headers))
 
     def result(self, request_id: str, timeout: float | None = DEFAULT_RESULT_TIMEOUT) -> MessageBatchResult:
         return self._run(self._async.result(request_id, timeout=timeout))
@@ -98,9 +104,23 @@ class Messages:
     def __init__(self, client: Client) -> None:
         self._client = client
 
-    def create(self, *, timeout: float | None = DEFAULT_RESULT_TIMEOUT, **kwargs: Any) -> Message:
-        """Same as AsyncMessages.create, blocking."""
-        return self._client._run(self._client._async.messages.create(timeout=timeout, **kwargs))
+    def create(self, **kwargs: Any) -> Message:
+        """Same as AsyncClient.messages.create, blocking."""
+        return self._client._run(self._client._async.messages.create(**kwargs))
+
+
+class BetaMessages:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def create(self, **kwargs: Any) -> BetaMessage:
+        """Same as AsyncClient.beta.messages.create, blocking."""
+        return self._client._run(self._client._async.beta.messages.create(**kwargs))
+
+
+class Beta:
+    def __init__(self, client: Client) -> None:
+        self.messages = BetaMessages(client)
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:

@@ -59,10 +59,10 @@ async def measure_accumulator(url: str, rounds: int, age: float) -> tuple[list[f
         )
         original = acc.flush
 
-        async def flush(entries: list[Entry], trigger: Trigger) -> str | None:
+        async def flush(entries: list[Entry], trigger: Trigger, group: str = "") -> str | None:
             current["deadline"] = min(e.ms for e in entries) / 1000 + age
             decided.append(time.time() - current["deadline"])
-            return await original(entries, trigger)
+            return await original(entries, trigger, group)
 
         acc.flush = flush  # type: ignore[method-assign]
         stop = asyncio.Event()

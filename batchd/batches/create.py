@@ -69,11 +69,13 @@ async def submit_flush(ctx: Context, fid: str) -> str:
             await store.mark_flush_empty(fid)
             return FlushState.EMPTY.value
         body = build_body((custom_id_for(i.rid, i.attempt).encode(), i.body) for i in items)
+        # Betas and the API version are the create call's headers: they apply to the whole batch.
+        headers = (await store.batch_headers(flush.group)).http_headers()
         # From here until the outcome is known, this is the one create that may be unrecorded.
         await store.begin_create(fid, sent=len(items), body_bytes=len(body), by=ctx.replica)
         metrics.API_REQUESTS.labels(op="create").inc()
         try:
-            batch = await _create(ctx, body)
+            batch = await _create(ctx, body, headers)
         except anthropic.APIStatusError as exc:
             metrics.count_api_error("create", exc)
             if retryable_status(exc.status_code):
@@ -103,7 +105,7 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         return batch.id
 
 
-async def _create(ctx: Context, body: bytes) -> MessageBatch:
+async def _create(ctx: Context, body: bytes, headers: dict[str, str]) -> MessageBatch:
     """One batches.create call, bounded in total by create_timeout_seconds (the SDK's timeouts bound each
     read or write, not the whole upload)."""
     async with asyncio.timeout(ctx.settings.create_timeout_seconds):
@@ -115,7 +117,7 @@ async def _create(ctx: Context, body: bytes) -> MessageBatch:
             options={
                 "max_retries": 0,
                 "timeout": ctx.settings.create_timeout_seconds,
-                "headers": {"Content-Type": "application/json"},
+                "headers": {"Content-Type": "application/json", **headers},
             },
         )
 
@@ -137,7 +139,7 @@ async def _settle_inflight_create(ctx: Context) -> tuple[str, str] | None:
     flush = await store.flush(fid)
     adopted: tuple[str, str] | None = None
     if flush is not None and flush.state is FlushState.SUBMITTING and flush.intent_ms is not None:
-        orphan = await _find_orphan(ctx, flush.intent_ms, flush.sent or 0)
+        orphan = await _find_orphan(ctx, flush, flush.intent_ms, flush.sent or 0)
         if orphan is not None:
             log.warning("flush %s: adopting batch %s created by an interrupted submit", fid, orphan.id)
             await _record(ctx, flush, orphan, requests=flush.sent or flush.requests, adopted=True)
@@ -163,7 +165,7 @@ async def _settle_inflight_create(ctx: Context) -> tuple[str, str] | None:
     return adopted
 
 
-async def _find_orphan(ctx: Context, intent_ms: int, sent: int) -> MessageBatch | None:
+async def _find_orphan(ctx: Context, flush: FlushRecord, intent_ms: int, sent: int) -> MessageBatch | None:
     """A batch created at or after the intent that batchd never recorded, with as many requests as sent.
 
     Creates are serialised by the create lock and only the in-flight flush is looked up, so an unrecorded
@@ -173,7 +175,8 @@ async def _find_orphan(ctx: Context, intent_ms: int, sent: int) -> MessageBatch 
     since = intent_ms / 1000 - _ORPHAN_SKEW_S
     candidates: list[MessageBatch] = []
     try:
-        async for batch in ctx.api.messages.batches.list(limit=100):
+        headers = (await ctx.store.batch_headers(flush.group)).http_headers()  # its workspace, if any
+        async for batch in ctx.api.messages.batches.list(limit=100, extra_headers=headers):
             if batch.created_at.timestamp() < since:
                 break
             if await ctx.store.is_known_batch(batch.id):

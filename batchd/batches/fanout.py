@@ -36,7 +36,9 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
     lineno = 0
     metrics.API_REQUESTS.labels(op="results").inc()
     try:
-        async with ctx.api.messages.batches.with_streaming_response.results(batch_id) as response:
+        headers = (await store.batch_headers(record.group)).http_headers() if record is not None else {}
+        results = ctx.api.messages.batches.with_streaming_response.results
+        async with results(batch_id, extra_headers=headers) as response:
             metrics.count_api_success("results")
             pending: list[bytes] = []
             async for line in response.iter_lines():

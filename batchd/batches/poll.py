@@ -28,7 +28,8 @@ async def poll_batch(ctx: Context, batch_id: str) -> str:
         return BatchState.DONE.value
     metrics.API_REQUESTS.labels(op="retrieve").inc()
     try:
-        batch = await ctx.api.messages.batches.retrieve(batch_id)
+        headers = (await store.batch_headers(record.group)).http_headers()
+        batch = await ctx.api.messages.batches.retrieve(batch_id, extra_headers=headers)
     except anthropic.NotFoundError as exc:
         metrics.count_api_error("retrieve", exc)
         return await note_missing(ctx, record)

@@ -7,6 +7,7 @@ from .connection import CLIENT_SOCKET_TIMEOUT, connect, connection_pool
 from .intake import ConsumerInfo, Intake
 from .keys import CONSUMER_GROUP, SCHEMA_VERSION, Keys, custom_id_for, split_custom_id
 from .records import (
+    BatchHeaders,
     BatchRecord,
     BatchState,
     FlushRecord,
@@ -35,6 +36,7 @@ __all__ = [
     "CLIENT_SOCKET_TIMEOUT",
     "CONSUMER_GROUP",
     "SCHEMA_VERSION",
+    "BatchHeaders",
     "BatchRecord",
     "BatchState",
     "CancelOutcome",

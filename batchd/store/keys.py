@@ -47,6 +47,11 @@ class Keys:
         """Hash: requests, bytes queued and not yet flushed (backpressure and status read it)."""
         return f"{self.tag}:queued"
 
+    @property
+    def groups(self) -> str:
+        """Hash: BatchHeaders.key -> BatchHeaders JSON, for every group of headers requests were sent with."""
+        return f"{self.tag}:groups"
+
     def request(self, rid: str) -> str:
         """Hash: a RequestRecord plus ``body`` (the params JSON, until answered)."""
         return f"{self.tag}:req:{rid}"

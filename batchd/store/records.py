@@ -7,6 +7,7 @@ names spelt elsewhere. The ``.lua`` files use the same names (see each script's 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "BatchHeaders",
     "BatchRecord",
     "BatchState",
     "FlushRecord",
@@ -65,6 +67,61 @@ class Trigger(StrEnum):
     AGE = "age"
 
 
+@dataclass(frozen=True, slots=True)
+class BatchHeaders:
+    """What a batch's create call carries besides its body, and so what requests must share to share a batch:
+    betas (``anthropic-beta``), the API version, the workspace and user profile. Requests with different
+    headers never meet in one batch. The default (all empty) is the daemon's own SDK defaults."""
+
+    betas: tuple[str, ...] = ()
+    anthropic_version: str | None = None
+    workspace_id: str | None = None
+    user_profile_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The group id requests, stream entries and flushes carry: "" for the default, else a digest."""
+        if self == _DEFAULT_HEADERS:
+            return ""
+        return hashlib.blake2b(self.to_json(), digest_size=8).hexdigest()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "betas": list(self.betas),
+                "anthropic_version": self.anthropic_version,
+                "workspace_id": self.workspace_id,
+                "user_profile_id": self.user_profile_id,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> BatchHeaders:
+        d = orjson.loads(raw)
+        return cls(
+            betas=tuple(d.get("betas") or ()),
+            anthropic_version=d.get("anthropic_version"),
+            workspace_id=d.get("workspace_id"),
+            user_profile_id=d.get("user_profile_id"),
+        )
+
+    def http_headers(self) -> dict[str, str]:
+        """The create call's headers (only those that differ from the SDK's defaults)."""
+        headers: dict[str, str] = {}
+        if self.betas:
+            headers["anthropic-beta"] = ",".join(self.betas)
+        if self.anthropic_version:
+            headers["anthropic-version"] = self.anthropic_version
+        if self.workspace_id:
+            headers["anthropic-workspace-id"] = self.workspace_id
+        if self.user_profile_id:
+            headers["anthropic-user-profile-id"] = self.user_profile_id
+        return headers
+
+
+_DEFAULT_HEADERS = BatchHeaders()
+
+
 def text(value: object) -> str:
     """A Redis reply (bytes, str or number) as text; None as ""."""
     if value is None:
@@ -103,6 +160,7 @@ class IntakeEntry:
     rid: str
     custom_id: str
     params_bytes: int
+    group: str = ""  # BatchHeaders.key of the request
 
     @property
     def ms(self) -> int:
@@ -114,7 +172,13 @@ class IntakeEntry:
         fields = _fields(raw)
         if "rid" not in fields:
             return None
-        return cls(text(entry_id), text(fields["rid"]), text(fields.get("cid")), _int(fields.get("bytes")))
+        return cls(
+            text(entry_id),
+            text(fields["rid"]),
+            text(fields.get("cid")),
+            _int(fields.get("bytes")),
+            text(fields.get("group")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +215,7 @@ class FlushRecord:
 
     fid: str
     state: FlushState
+    group: str  # BatchHeaders.key shared by its requests
     created_ms: int
     requests: int  # moved into the flush
     params_bytes: int
@@ -174,6 +239,7 @@ class FlushRecord:
         return cls(
             fid=fid,
             state=FlushState(text(f["state"])),
+            group=text(f.get("group")),
             created_ms=_int(f.get("created")),
             requests=_int(f.get("requests")),
             params_bytes=_int(f.get("bytes")),
@@ -196,6 +262,7 @@ class BatchRecord:
 
     batch_id: str
     fid: str
+    group: str  # BatchHeaders.key it was created with (retrieve and results carry the same headers)
     requests: int
     created_ms: int
     state: BatchState
@@ -215,6 +282,7 @@ class BatchRecord:
         return cls(
             batch_id=batch_id,
             fid=text(f.get("fid")),
+            group=text(f.get("group")),
             requests=_int(f.get("requests")),
             created_ms=_int(f.get("created")),
             state=BatchState(text(f["state"])),

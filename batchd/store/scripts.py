@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cache
 from importlib import resources
@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from .keys import CONSUMER_GROUP, Keys, custom_id_for
-from .records import IntakeEntry, Trigger
+from .records import BatchHeaders, IntakeEntry, Trigger
 
 __all__ = [
     "SCRIPT_NAMES",
@@ -50,6 +50,7 @@ class NewRequest:
 
     rid: str
     body: bytes
+    headers: BatchHeaders = field(default_factory=BatchHeaders)
 
     @property
     def custom_id(self) -> str:
@@ -57,7 +58,8 @@ class NewRequest:
 
     @property
     def digest(self) -> str:
-        return hashlib.blake2b(self.body, digest_size=16).hexdigest()
+        """Tells a repeated submit (same params, same headers) from a conflicting one."""
+        return hashlib.blake2b(self.body + b"\0" + self.headers.key.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +128,14 @@ class Scripts:
         params: idempotent); EnqueueRefused when the caps would be passed, EnqueueConflict when an id is
         known with other params: nothing is written in either case."""
         k = self._keys
-        keys = [k.intake, k.queue_stats]
-        args: list[Any] = [now_ms, max_requests, max_bytes]
+        keys = [k.intake, k.queue_stats, k.groups]
+        groups = {r.headers.key: r.headers for r in requests if r.headers.key}
+        args: list[Any] = [now_ms, max_requests, max_bytes, len(groups)]
+        for key, headers in groups.items():
+            args += [key, headers.to_json()]
         for req in requests:
             keys += [k.request(req.rid), k.result(req.rid)]
-            args += [req.rid, req.custom_id, req.body, req.digest]
+            args += [req.rid, req.custom_id, req.body, req.digest, req.headers.key]
         reply = await self._call("enqueue", keys, args)
         # A success reply holds only 1s and 0s.
         if reply and int(reply[0]) == -1:
@@ -139,12 +144,15 @@ class Scripts:
             return EnqueueConflict(int(reply[1]) - 1)
         return [int(x) == 1 for x in reply]
 
-    async def commit_flush(self, fid: str, entries: Sequence[IntakeEntry], *, now_ms: int) -> tuple[int, int]:
-        """Move one chunk (<= 5000) of intake entries into flush ``fid``; returns (moved, params bytes)."""
+    async def commit_flush(
+        self, fid: str, entries: Sequence[IntakeEntry], *, now_ms: int, group: str = ""
+    ) -> tuple[int, int]:
+        """Move one chunk (<= 5000) of intake entries, all of one ``group``, into flush ``fid``; returns
+        (moved, params bytes)."""
         k = self._keys
         keys = [k.intake, k.queue_stats, k.flush(fid), k.flush_rids(fid), k.flushes]
         keys += [k.request(e.rid) for e in entries]
-        args: list[Any] = [CONSUMER_GROUP, fid, now_ms]
+        args: list[Any] = [CONSUMER_GROUP, fid, now_ms, group]
         for e in entries:
             args += [e.entry_id, e.rid]
         moved, nbytes = await self._call("commit_flush", keys, args)

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 from .intake import Intake
 from .keys import SCHEMA_VERSION, Keys
 from .records import (
+    BatchHeaders,
     BatchRecord,
     BatchState,
     FlushRecord,
@@ -134,6 +135,15 @@ class Store:
     # --- flushes ------------------------------------------------------------------------------------------
     async def flush(self, fid: str) -> FlushRecord | None:
         return FlushRecord.from_hash(fid, await self._hgetall(self.keys.flush(fid)))
+
+    async def batch_headers(self, group: str) -> BatchHeaders:
+        """The headers a flush's create carries (BatchHeaders.key "" is the default)."""
+        if not group:
+            return BatchHeaders()
+        raw = await self.redis.hget(self.keys.groups, group)  # type: ignore[misc]
+        if raw is None:
+            raise KeyError(f"unknown request group {group!r}")
+        return BatchHeaders.from_json(raw)
 
     async def flush_rids(self, fid: str) -> list[str]:
         return [text(r) for r in await self._lrange(self.keys.flush_rids(fid), 0, -1)]
@@ -259,6 +269,7 @@ class Store:
                 k.batch(batch_id),
                 mapping={
                     "fid": flush.fid,
+                    "group": flush.group,
                     "requests": requests,
                     "created": created_ms,
                     "state": BatchState.OPEN,

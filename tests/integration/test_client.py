@@ -730,3 +730,23 @@ async def test_a_waiter_whose_request_vanishes_gets_request_not_found(
     async with asyncio.timeout(15):  # the listener's sweep runs every 5 s
         with pytest.raises(RequestNotFound):
             await waiting
+
+
+async def test_a_block_type_the_installed_sdk_does_not_know_still_reaches_the_caller(
+    client: AsyncClient, daemon: DaemonDouble
+) -> None:
+    """Read as the SDK's own decoder reads it (leniently): a paid answer is never dropped for a new block."""
+
+    def with_new_block(_: dict[str, Any]) -> Result:
+        result = succeeded("after the new block")
+        result["message"]["content"].insert(0, {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "x"})
+        result["message"]["content"].insert(0, {"type": "hologram", "frames": 3})
+        return result
+
+    answering = asyncio.create_task(daemon.answer_next(with_new_block))
+    message = await client.messages.create(
+        model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "x"}], timeout=10
+    )
+    await answering
+    assert [getattr(b, "type", None) for b in message.content] == ["hologram", "mcp_tool_use", "text"]
+    assert message.content[2].text == "after the new block"  # type: ignore[union-attr]

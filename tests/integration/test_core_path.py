@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from batchd import AsyncClient, Client, RequestErrored
+from batchd import AsyncClient, Client, InvalidParams, RequestErrored
 from batchd.batchbody import body_size
 from batchd.settings import Settings
 from batchd.store import FlushSummary, Store, custom_id_for
@@ -184,24 +184,38 @@ async def test_expired_then_overloaded_requests_are_retried_until_they_succeed(
     assert stats["duplicate_custom_ids"] == 0  # a fresh custom_id per attempt
 
 
-async def test_invalid_params_reach_the_caller_as_the_apis_error(
+async def test_a_request_the_api_would_reject_is_refused_at_submit_with_the_apis_message(
     make_settings: Callable[..., Settings], emulator: Any
 ) -> None:
+    """The API checks a batch's params only when the batch ends; batchd checks them at submit, so a caller
+    does not wait a whole batch for a 400."""
     settings = make_settings(emulator=True, max_batch_age_seconds=0.2)
     async with running_daemon(settings), AsyncClient(settings=settings) as client:
-        with pytest.raises(RequestErrored) as info:
+        with pytest.raises(InvalidParams) as info:
             await client.messages.create(
                 model=MODELS[0], max_tokens=0, messages=[{"role": "user", "content": "hi"}], timeout=30
             )
         ok = await client.messages.create(
             model=MODELS[1], max_tokens=5, messages=[{"role": "user", "content": "fine"}], timeout=30
         )
-    assert info.value.error_type == "invalid_request_error"
-    assert "max_tokens" in info.value.api_message
-    assert info.value.request_id
+    assert str(info.value) == "max_tokens: Input should be greater than or equal to 1"
     assert ok.content[0].text == "echo: fine"  # type: ignore[union-attr]
-    # Invalid requests are answered, not retried.
-    assert emulator.stats()["requests_received"] == 2
+    assert emulator.stats()["requests_received"] == 1  # the refused one never reached the API
+
+
+async def test_an_errored_result_reaches_the_caller_as_the_apis_error(
+    make_settings: Callable[..., Settings], emulator: Any
+) -> None:
+    emulator.configure(errored_rate=1.0)  # every attempt fails on the API's side
+    settings = make_settings(emulator=True, max_batch_age_seconds=0.2)
+    async with running_daemon(settings), AsyncClient(settings=settings) as client:
+        with pytest.raises(RequestErrored) as info:
+            await client.messages.create(
+                model=MODELS[0], max_tokens=8, messages=[{"role": "user", "content": "hi"}], timeout=60
+            )
+    assert info.value.error_type in ("api_error", "overloaded_error")
+    assert info.value.request_id
+    assert emulator.stats()["requests_received"] == settings.max_attempts  # retried, then answered
 
 
 async def test_cancel_before_and_after_flush(

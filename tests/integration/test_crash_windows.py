@@ -260,13 +260,13 @@ async def test_submit_to_flush_a_redis_error_inside_a_flush_strands_no_request(
     failures = 0
 
     async def commit_flush_losing_redis_once(
-        fid: str, entries: Sequence[IntakeEntry], *, now_ms: int
+        fid: str, entries: Sequence[IntakeEntry], *, now_ms: int, group: str = ""
     ) -> tuple[int, int]:
         nonlocal failures
         if failures == 0:
             failures += 1
             raise RedisConnectionError("Connection lost (injected before the script ran)")
-        return await real_commit(fid, entries, now_ms=now_ms)
+        return await real_commit(fid, entries, now_ms=now_ms, group=group)
 
     log = FlushLog()
     store.scripts.commit_flush = commit_flush_losing_redis_once  # type: ignore[method-assign]

@@ -1,6 +1,6 @@
 """The ways in over batchd's real queue: the front and the drop-in client on ClientBackend (AsyncClient on a
 private redis-server), a daemon replica in-process and the emulator: answers, one request per
-Idempotency-Key, collect later, and what today's queue cannot carry refused with a 400."""
+Idempotency-Key, collect later, and betas carried as the batch's header."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import anthropic
-import pytest
 from pydantic import SecretStr
 
 import batchd
@@ -20,6 +19,12 @@ from tests.daemon_harness import running_daemon
 from tests.front_helpers import kwargs
 
 TOKEN = "tok-queue-test-0123456789"
+
+
+def emulator_batches(emulator: Any) -> list[dict[str, Any]]:
+    """What each batch on the emulator was created with (its betas, version, request count)."""
+    with anthropic.Anthropic(base_url=emulator.base_url, api_key="test-key") as api:
+        return [emulator.batch_info(b.id) for b in api.messages.batches.list(limit=100)]
 
 
 async def test_front_and_dropin_over_the_queue(make_settings: Callable[..., Settings], emulator: Any) -> None:
@@ -35,8 +40,9 @@ async def test_front_and_dropin_over_the_queue(make_settings: Callable[..., Sett
                 again = await client.messages.create(**kwargs("once"), extra_headers=key)
                 async with client.messages.stream(**kwargs("streamed")) as stream:
                     streamed = await stream.get_final_message()
-                with pytest.raises(anthropic.BadRequestError, match="anthropic-beta"):
-                    await client.beta.messages.create(betas=["output-300k-2026-03-24"], **kwargs())
+                beta = await client.beta.messages.with_raw_response.create(
+                    betas=["output-300k-2026-03-24"], **kwargs("with a beta")
+                )
                 accepted = await client.messages.with_raw_response.create(
                     **kwargs("later"), extra_headers={"Prefer": "respond-async"}
                 )
@@ -56,5 +62,9 @@ async def test_front_and_dropin_over_the_queue(make_settings: Callable[..., Sett
     assert collected.content[0].text == "echo: later"  # type: ignore[union-attr]
     assert direct.content[0].text == "echo: in-process"  # type: ignore[union-attr]
     stats = emulator.stats()
-    assert stats["requests_received"] == 5  # the Idempotency-Key retry and the refused beta were not sent
+    assert stats["requests_received"] == 6  # the Idempotency-Key retry was not sent again
+    # The beta travelled as its batch's header, and only that batch's.
+    assert (await beta.parse()).content[0].text == "echo: with a beta"  # type: ignore[union-attr]
+    betas = sorted(info["betas"] for info in emulator_batches(emulator))
+    assert betas[-1] == ["output-300k-2026-03-24"] and all(b == [] for b in betas[:-1]), betas
     assert stats["duplicate_custom_ids"] == 0

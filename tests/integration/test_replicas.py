@@ -48,8 +48,8 @@ def flush_record(monkeypatch: pytest.MonkeyPatch) -> Iterator[FlushRecord]:
     record = FlushRecord()
 
     class RecordingAccumulator(Accumulator):
-        async def flush(self, entries: list[Entry], trigger: Trigger) -> str | None:
-            fid = await super().flush(entries, trigger)
+        async def flush(self, entries: list[Entry], trigger: Trigger, group: str = "") -> str | None:
+            fid = await super().flush(entries, trigger, group)
             if fid is not None:
                 record.flushes.append((self.consumer, fid, [e.intake.rid for e in entries]))
             return fid

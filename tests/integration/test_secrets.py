@@ -179,14 +179,19 @@ async def test_secrets_never_appear_after_a_round_trip(
         assert (await client.result(rid, timeout=30)).type == "succeeded"
         message = await client.messages.create(**params("create"), timeout=30)
         assert message.content[0].text == "echo: create"  # type: ignore[union-attr]
-        # An API error for one request (max_tokens=0), refused by the emulator: the caller's exception.
+        # An API error for one request (every attempt fails on the API's side): the caller's exception.
+        emulator.configure(errored_rate=1.0)
         with pytest.raises(RequestErrored) as api_error:
-            await client.messages.create(**params("bad", max_tokens=0), timeout=30)
-        scan.add_exception("RequestErrored (invalid request)", api_error.value)
-        # A request refused at submit.
+            await client.messages.create(**params("bad"), timeout=30)
+        emulator.configure(errored_rate=0.0)
+        scan.add_exception("RequestErrored (API error)", api_error.value)
+        # Requests refused at submit: malformed, and one the API would refuse (max_tokens=0).
         with pytest.raises(InvalidParams) as invalid:
             await client.submit({"model": "claude-haiku-4-5"})
         scan.add_exception("InvalidParams", invalid.value)
+        with pytest.raises(InvalidParams) as refused:
+            await client.messages.create(**params("bad", max_tokens=0), timeout=30)
+        scan.add_exception("InvalidParams (the API's check)", refused.value)
 
         await add_http(scan, daemon)
         with Client(settings=settings) as sync_client:

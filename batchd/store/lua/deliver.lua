@@ -6,7 +6,7 @@
 -- Returns {code, enq_ms, attempts}: code 1 delivered, 2 requeued, 0 duplicate (already answered), -1 stale
 -- (a line for an attempt that is not the current one, or a request batchd does not know).
 -- NX and the attempt check make a repeated fan-out harmless: nothing is ever answered twice.
-local f = redis.call('HMGET', KEYS[1], 'state', 'attempts', 'enq', 'bytes', 'cancel')
+local f = redis.call('HMGET', KEYS[1], 'state', 'attempts', 'enq', 'bytes', 'cancel', 'group')
 local state, attempts = f[1], tonumber(f[2])
 if redis.call('EXISTS', KEYS[2]) == 1 or state == 'done' then
   return {0, f[3] or 0, attempts or 0}
@@ -18,7 +18,11 @@ if ARGV[3] == '1' and attempts < tonumber(ARGV[4]) and not f[5] then
   local next_attempt = attempts + 1
   redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', next_attempt)
   redis.call('HDEL', KEYS[1], 'fid')
-  redis.call('XADD', KEYS[3], '*', 'rid', ARGV[7], 'cid', ARGV[8], 'bytes', f[4])
+  if f[6] then
+    redis.call('XADD', KEYS[3], '*', 'rid', ARGV[7], 'cid', ARGV[8], 'bytes', f[4], 'group', f[6])
+  else
+    redis.call('XADD', KEYS[3], '*', 'rid', ARGV[7], 'cid', ARGV[8], 'bytes', f[4])
+  end
   redis.call('HINCRBY', KEYS[4], 'requests', 1)
   redis.call('HINCRBY', KEYS[4], 'bytes', tonumber(f[4]))
   return {2, f[3], next_attempt}

@@ -1,0 +1,183 @@
+"""``client.messages`` and ``client.beta.messages`` on batchd's own clients: the SDK's ``create``, answered at
+batch prices.
+
+The keyword arguments are the SDK's, normalised by the SDK itself (its own request preparation dumps the
+pydantic blocks of a previous response passed back in a tool loop, reads files, drops NOT_GIVEN), so
+batchd queues exactly the body the SDK would send. ``betas``, the API version, the workspace and the user
+profile are the batch's headers (``BatchHeaders``), never body fields. Results are read as leniently as the
+SDK's own decoder reads them, so a block type the installed SDK does not know still reaches the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from anthropic._models import construct_type_unchecked
+from anthropic._utils._prepare import async_prepare_request_data
+from anthropic.types import Message
+from anthropic.types.beta import BetaMessage
+from anthropic.types.beta.messages import BetaMessageBatchIndividualResponse
+from anthropic.types.messages import MessageBatchIndividualResponse, MessageBatchResult
+
+from .errors import (
+    InvalidParams,
+    RequestCanceled,
+    RequestErrored,
+    RequestExpired,
+    RequestFailed,
+    ResultTimeout,
+)
+from .store import BatchHeaders
+
+if TYPE_CHECKING:
+    from .client import AsyncClient
+
+__all__ = [
+    "AsyncBeta",
+    "AsyncBetaMessages",
+    "AsyncMessages",
+    "PreparedCall",
+    "parse_result",
+    "prepare_call",
+    "raise_for_result",
+]
+
+# Keyword arguments of the SDK's create that are not params: the HTTP call's own.
+_CALL_KWARGS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
+_HEADER_KWARGS = {"workspace_id": "anthropic-workspace-id", "user_profile_id": "anthropic-user-profile-id"}
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCall:
+    params: dict[str, Any]
+    headers: BatchHeaders
+    timeout: float | None
+
+
+def _given(value: object) -> bool:
+    return type(value).__name__ not in {"NotGiven", "Omit"}
+
+
+async def prepare_call(kwargs: Mapping[str, Any], *, default_timeout: float | None) -> PreparedCall:
+    """An SDK ``messages.create`` call's keyword arguments -> batch params, batch headers and the wait.
+
+    Raises InvalidParams for what a batch cannot carry (stream, extra query parameters)."""
+    call = {k: v for k, v in kwargs.items() if _given(v)}
+    timeout = call.pop("timeout", default_timeout)
+    if timeout is not None and not isinstance(timeout, int | float):
+        raise InvalidParams(f"timeout must be a number of seconds (the wait for the answer), not {timeout!r}")
+    extra_query = call.pop("extra_query", None)
+    if extra_query:
+        raise InvalidParams("extra_query cannot be sent with a batch request")
+    extra_headers = {k.lower(): v for k, v in (call.pop("extra_headers", None) or {}).items() if _given(v)}
+    extra_body = call.pop("extra_body", None) or {}
+    betas: list[str] = list(call.pop("betas", None) or ())
+    header = {name: str(call.pop(kw)) for kw, name in _HEADER_KWARGS.items() if call.get(kw) is not None}
+    if call.get("stream"):
+        raise InvalidParams("stream=True: batchd's client answers whole messages; drop stream")
+    call.pop("stream", None)
+    params = await async_prepare_request_data(call, location="body")
+    if not isinstance(params, dict):
+        raise InvalidParams("messages.create takes keyword arguments")
+    params.update(extra_body)
+    beta_header = extra_headers.get("anthropic-beta")
+    if beta_header:
+        betas += [b.strip() for b in str(beta_header).split(",") if b.strip()]
+    headers = BatchHeaders(
+        betas=tuple(sorted(set(betas))),
+        anthropic_version=extra_headers.get("anthropic-version"),
+        workspace_id=header.get("anthropic-workspace-id") or extra_headers.get("anthropic-workspace-id"),
+        user_profile_id=header.get("anthropic-user-profile-id")
+        or extra_headers.get("anthropic-user-profile-id"),
+    )
+    return PreparedCall(params, headers, None if timeout is None else float(timeout))
+
+
+def parse_result(request_id: str, line: bytes, *, beta: bool = False) -> Any:
+    """A stored results line as the SDK's result type, built as leniently as the SDK's own decoder does
+    (unknown block types and fields are kept, not refused)."""
+    try:
+        obj = orjson.loads(line)
+        kind = BetaMessageBatchIndividualResponse if beta else MessageBatchIndividualResponse
+        response: Any = construct_type_unchecked(value=obj, type_=kind)
+        result = response.result
+        _ = result.type  # a line without a result type is unreadable, not a result
+    except (ValueError, AttributeError, TypeError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise RequestFailed(
+            request_id, f"request {request_id!r} has a result batchd cannot read: {reason}"
+        ) from None
+    return result
+
+
+def raise_for_result(request_id: str, result: Any) -> Any:
+    """The message of a succeeded result, or the typed batchd error for any other result."""
+    kind = getattr(result, "type", None)
+    if kind == "succeeded":
+        return result.message
+    if kind == "errored":
+        error = getattr(getattr(result, "error", None), "error", None)
+        raise RequestErrored(
+            request_id, str(getattr(error, "type", "api_error")), str(getattr(error, "message", ""))
+        )
+    if kind == "canceled":
+        raise RequestCanceled(request_id)
+    if kind == "expired":
+        raise RequestExpired(request_id)
+    raise RequestFailed(request_id, f"request {request_id!r} ended with an unknown result type {kind!r}")
+
+
+async def _create(
+    client: AsyncClient, kwargs: Mapping[str, Any], *, beta: bool, default_timeout: float | None
+) -> Any:
+    call = await prepare_call(kwargs, default_timeout=default_timeout)
+    rid = await client.submit(call.params, headers=call.headers)
+    line = await client.result_line(rid, call.timeout)
+    if line is None:
+        raise ResultTimeout(rid, call.timeout if call.timeout is not None else float("inf"))
+    return raise_for_result(rid, parse_result(rid, line, beta=beta))
+
+
+class AsyncMessages:
+    """``client.messages``: the SDK's ``messages.create`` (no streaming), answered at batch prices."""
+
+    def __init__(self, client: AsyncClient, default_timeout: float | None) -> None:
+        self._client = client
+        self._default_timeout = default_timeout
+
+    async def create(self, **kwargs: Any) -> Message:
+        """The SDK's keyword arguments (``timeout`` is how long to wait for the answer). Returns the SDK's
+        Message; raises RequestErrored/RequestCanceled/RequestExpired when the request ends without one,
+        ResultTimeout (with the request id, to collect it later) when ``timeout`` passes first."""
+        message: Message = await _create(
+            self._client, kwargs, beta=False, default_timeout=self._default_timeout
+        )
+        return message
+
+
+class AsyncBetaMessages:
+    """``client.beta.messages``: as the SDK's, with ``betas=[...]``; returns the SDK's BetaMessage."""
+
+    def __init__(self, client: AsyncClient, default_timeout: float | None) -> None:
+        self._client = client
+        self._default_timeout = default_timeout
+
+    async def create(self, **kwargs: Any) -> BetaMessage:
+        message: BetaMessage = await _create(
+            self._client, kwargs, beta=True, default_timeout=self._default_timeout
+        )
+        return message
+
+
+class AsyncBeta:
+    def __init__(self, client: AsyncClient, default_timeout: float | None) -> None:
+        self.messages = AsyncBetaMessages(client, default_timeout)
+
+
+def result_of(request_id: str, line: bytes) -> MessageBatchResult:
+    """A stored line as the SDK's (non-beta) result type, read leniently."""
+    result: MessageBatchResult = parse_result(request_id, line)
+    return result

@@ -32,6 +32,8 @@ _MAX_BLOCK_S = 1.0
 _REDIS_TIMER_SLACK_MS = 100
 # A consumer that has not touched the stream for this long (and has no fresh heartbeat) is gone.
 _CONSUMER_IDLE_MS = 3000
+# While flushes are held by the API's queue cap, how often the accumulator looks whether it may go on.
+_HELD_PAUSE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -107,6 +109,7 @@ class Accumulator:
         on_read: Callable[[int], None] = lambda first_attempts: None,
         beat: Callable[[], None] = lambda: None,
         dead_after_s: float = 10.0,
+        held: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.store = store
         self.consumer = consumer
@@ -117,6 +120,7 @@ class Accumulator:
         self.on_read = on_read
         self.beat = beat
         self.dead_after_ms = int(dead_after_s * 1000)
+        self.held = held
         # One buffer per group: requests with different batch headers (betas, version) never share a batch.
         self._buffers: dict[str, _Buffer] = {}
         self._held: set[str] = set()  # entry ids buffered: a re-read or claimed entry is not added twice
@@ -136,6 +140,11 @@ class Accumulator:
     async def step(self) -> None:
         """One round: flush what is due, read for at most the time left to the next deadline, flush again."""
         self.beat()
+        if self.held is not None and await self.held():
+            # Flushes already wait for room in the API's queue: more would only pile up in Redis. Reading
+            # stops, so intake fills up to its caps and pushes back on the producers (QueueFull).
+            await asyncio.sleep(_HELD_PAUSE_S)
+            return
         await self._flush_due()
         if time.monotonic() - self._last_claim >= 2.0:
             self._last_claim = time.monotonic()

@@ -38,10 +38,12 @@ from typing_extensions import is_typeddict
 
 __all__ = [
     "BATCH_REFUSED_PARAMS",
+    "BATCH_TIERS",
     "HEADER_PARAMS",
     "LEGACY_SAMPLING_PARAMS",
     "OUTPUT_300K_BETA",
     "OUTPUT_300K_CAP",
+    "BatchLimits",
     "ModelSpec",
     "ParamError",
     "check_count_tokens_params",
@@ -52,6 +54,23 @@ __all__ = [
     "models",
     "parse_betas",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """A usage tier's Message Batches limits: requests per minute across every batch endpoint (polling
+    included), and requests waiting in the processing queue (anthropic-batches-api.md, section 4)."""
+
+    rpm: int
+    queue: int
+
+
+BATCH_TIERS: dict[int, BatchLimits] = {
+    1: BatchLimits(rpm=50, queue=100_000),
+    2: BatchLimits(rpm=1_000, queue=200_000),
+    3: BatchLimits(rpm=2_000, queue=300_000),
+    4: BatchLimits(rpm=4_000, queue=500_000),
+}
 
 OUTPUT_300K_BETA = "output-300k-2026-03-24"
 """The beta that lifts a model's output cap to ``OUTPUT_300K_CAP``, inside batches only."""

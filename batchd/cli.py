@@ -174,7 +174,9 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     redis = connect(settings.redis_url, "client")
     try:
         async with redis_errors():
-            status = await collect_status(Store(redis, Keys(settings.key_prefix)))
+            status = await collect_status(
+                Store(redis, Keys(settings.key_prefix)), queue_limit=settings.effective_api_queue_limit
+            )
     finally:
         await redis.aclose(close_connection_pool=True)
     if args.json:

@@ -1,8 +1,9 @@
 """``batchd run``: one replica of the daemon.
 
-It runs three loops under one supervisor (each restarted with backoff if it fails, e.g. while Redis is
-down): the accumulator (intake -> flushes), the arq worker (submit, poll, fan-out, reconcile jobs) and a
-heartbeat (replica liveness, the metrics-leader lease, queue gauges, the systemd watchdog). Stopping
+It runs four loops under one supervisor (each restarted with backoff if it fails, e.g. while Redis is
+down): the accumulator (intake -> flushes), the arq worker (submit, fan-out and reconcile jobs), the poller
+(on the one replica holding its lease: every open batch, by list, each tick) and a heartbeat (replica
+liveness, the metrics-leader lease, queue gauges, the systemd watchdog). Stopping
 (SIGTERM, SIGINT or ``stop``) stops taking work, lets running jobs finish within the grace period, and
 exits 0. Anything in flight at a SIGKILL is recovered by the other replicas or the next start.
 """
@@ -17,14 +18,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anthropic
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import jobs, metrics, replica, systemd
 from .accumulator import Accumulator
+from .apiclient import RATE_WINDOW_S, api_client
 from .apihealth import api_health
-from .batches import Context
+from .batches import Context, poll_open_batches
 from .errors import ConfigError
 from .health import Health
 from .leases import LEASE_S
@@ -64,11 +65,8 @@ class Daemon:
         register_secret(settings.anthropic_api_key.get_secret_value())
         self.redis = connect(settings.redis_url, "daemon")
         self.store = Store(self.redis, self.keys)
-        self.api = anthropic.AsyncAnthropic(
-            api_key=settings.anthropic_api_key.get_secret_value(),
-            base_url=settings.anthropic_base_url,
-            max_retries=2,
-        )
+        # Every batch-endpoint call takes a slot of the requests-per-minute budget all replicas share.
+        self.api = api_client(settings, self.store.scripts)
 
     def __repr__(self) -> str:
         return f"Daemon(consumer={self.consumer!r}, redis={redact_url(self.settings.redis_url)!r})"
@@ -133,8 +131,10 @@ class Daemon:
             on_read=metrics.REQUESTS_SUBMITTED.inc,
             beat=lambda: self.health.beat("accumulator"),
             dead_after_s=DEAD_AFTER_S,
+            held=self._held_by_queue_cap,
         )
         self.health.register("accumulator", max_silence=30.0)
+        self.health.register("poller", max_silence=max(30.0, 3 * self._poll_every()))
         self.health.register("heartbeat", max_silence=30.0)
         worker_box: list[Any] = []
 
@@ -159,6 +159,7 @@ class Daemon:
                 self._supervise("heartbeat", lambda: self._heartbeat(context, arq_pool, worker_box))
             ),
             asyncio.create_task(self._supervise("worker", run_worker)),
+            asyncio.create_task(self._supervise("poller", lambda: self._poll(context))),
         ]
         self._ready.set()
         systemd.ready()
@@ -174,6 +175,8 @@ class Daemon:
                 # Gone from the heartbeat set: the other replicas claim this one's queued entries at once.
                 await self.store.forget_replica(self.consumer)
                 await self.store.release_replica(self.consumer, self._token)
+                # The next replica polls at once rather than when the lease lapses.
+                await self.store.release_lock(self.keys.poller_lease, self.consumer)
             with contextlib.suppress(Exception):
                 await arq_pool.aclose(close_connection_pool=True)
             await self.redis.aclose(close_connection_pool=True)
@@ -317,6 +320,26 @@ class Daemon:
                 last_ping = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), _HEARTBEAT_S)
+
+    def _poll_every(self) -> float:
+        """The poll tick: poll_interval_seconds, but never more than a quarter of the API's requests per
+        minute (at tier 1, 45 calls a minute: a tick every 5.3 s), so creates and downloads keep the rest."""
+        return max(self.settings.poll_interval_seconds, RATE_WINDOW_S / (self.settings.effective_api_rpm / 4))
+
+    async def _poll(self, context: Context) -> None:
+        """Every tick, on the replica that holds the poller lease: look at every open batch (a list call per
+        thousand). Any replica takes the lease over within LEASE_S of its holder stopping."""
+        every = self._poll_every()
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            if await self.store.take_poller_lease(self.consumer, ms=int(max(LEASE_S, 3 * every) * 1000)):
+                await poll_open_batches(context)
+            self.health.beat("poller")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), max(0.0, every - (time.monotonic() - started)))
+
+    async def _held_by_queue_cap(self) -> bool:
+        return await self.store.held_by_queue_cap_since() is not None
 
     async def _recheck_policy(self) -> None:
         # maxmemory-policy can change at run time (CONFIG SET): an evicting one is an emergency.

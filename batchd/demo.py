@@ -87,9 +87,16 @@ def _api(base: Settings, out: IO[str]) -> Iterator[dict[str, Any]]:
         return
     from .emulator import EmulatorConfig, EmulatorThread
 
-    with EmulatorThread(EmulatorConfig(processing_seconds=0.5)) as emulator:
-        print(f"API:    batchd emulator at {emulator.base_url} (0.5 s per batch)", file=out)
-        yield {"anthropic_base_url": emulator.base_url, "anthropic_api_key": SecretStr("demo-key")}
+    # The emulator keeps tier 4's limits, and batchd is told so: the demo's few batches never wait on them.
+    config = EmulatorConfig(processing_seconds=0.5)
+    config.update({"tier": 4})
+    with EmulatorThread(config) as emulator:
+        print(f"API:    batchd emulator at {emulator.base_url} (0.5 s per batch, tier 4 limits)", file=out)
+        yield {
+            "anthropic_base_url": emulator.base_url,
+            "anthropic_api_key": SecretStr("demo-key"),
+            "api_tier": 4,
+        }
 
 
 async def run_demo(
@@ -114,8 +121,7 @@ async def run_demo(
                 "max_batch_requests": max(5, requests // 3),
                 "max_batch_bytes": max(4, requests // 30) * (len(_LONG_PROMPT) + 200),
                 "max_batch_age_seconds": 1.0,
-                "poll_min_seconds": 0.2,
-                "poll_max_seconds": 1.0,
+                "poll_interval_seconds": 0.2,
                 "metrics_port": 0,
                 **api,
             }

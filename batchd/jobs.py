@@ -1,8 +1,9 @@
 """arq, behind one module: the control-plane jobs of ``batchd.batches`` as arq functions, and the
 scheduler that enqueues them. Nothing else in batchd imports arq, so the job runner could be swapped.
 
-Jobs are enqueued under deterministic ids (``submit:<fid>``, ``poll:<batch>``): arq refuses a second job
-with an id that is queued, deferred or running, which makes re-enqueueing (by the reconciler) a no-op.
+Jobs are enqueued under deterministic ids (``submit:<fid>``, ``fanout:<batch>``): arq refuses a second job
+with an id that is queued, deferred or running, which makes re-enqueueing (by the reconciler, or the poller
+each tick) a no-op.
 Jobs are serialised as JSON, not pickle.
 
 arq spells its own keys with a fixed ``arq:`` prefix (job, in-progress, retry, result and abort keys), so two
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import timedelta
 from typing import Any
 
 from arq import cron
@@ -31,8 +31,6 @@ from .store import Keys, connection_pool
 
 __all__ = ["ArqScheduler", "abandon_worker", "build_worker", "connect"]
 
-# A batch may take 24 h to end; its poll job must outlive that (arq drops a job past its expiry).
-_POLL_EXPIRES = timedelta(hours=30)
 # Generous: a run of each is short, but a job retries (RetryLater) for as long as the batch is open.
 _MANY_TRIES = 1_000_000
 
@@ -102,15 +100,11 @@ class ArqScheduler:
     async def submit(self, fid: str) -> None:
         await self.pool.enqueue_job("submit_flush", fid, _job_id=f"submit:{fid}", _queue_name=self.queue_name)
 
-    async def poll(self, batch_id: str, defer: float) -> None:
-        await self.pool.enqueue_job(
-            "poll_batch",
-            batch_id,
-            _job_id=f"poll:{batch_id}",
-            _queue_name=self.queue_name,
-            _defer_by=timedelta(seconds=defer),
-            _expires=_POLL_EXPIRES,
+    async def fanout(self, batch_id: str) -> bool:
+        job = await self.pool.enqueue_job(
+            "fanout_results", batch_id, _job_id=f"fanout:{batch_id}", _queue_name=self.queue_name
         )
+        return job is not None
 
 
 def _context(ctx: dict[str, Any]) -> Context:
@@ -133,9 +127,9 @@ async def _submit_flush(ctx: dict[str, Any], fid: str) -> str:
         raise Retry(defer=exc.defer) from exc
 
 
-async def _poll_batch(ctx: dict[str, Any], batch_id: str) -> str:
+async def _fanout_results(ctx: dict[str, Any], batch_id: str) -> str:
     try:
-        return await batches.poll_batch(await _registered(ctx), batch_id)
+        return await batches.fanout_results(await _registered(ctx), batch_id)
     except RetryLater as exc:
         raise Retry(defer=exc.defer) from exc
 
@@ -157,7 +151,9 @@ def build_worker(
     """An arq Worker for the batch jobs. Signals are the daemon's business, not arq's."""
     functions = [
         func(_submit_flush, name="submit_flush", max_tries=_MANY_TRIES, keep_result=0, timeout=job_timeout),
-        func(_poll_batch, name="poll_batch", max_tries=_MANY_TRIES, keep_result=0, timeout=job_timeout),
+        func(
+            _fanout_results, name="fanout_results", max_tries=_MANY_TRIES, keep_result=0, timeout=job_timeout
+        ),
     ]
     seconds = set(range(0, 60, max(1, reconcile_every_s)))
     worker = Worker(

@@ -31,6 +31,7 @@ __all__ = [
     "API_HEALTHY",
     "API_OPS",
     "API_REQUESTS",
+    "API_THROTTLED_SECONDS",
     "BATCHES_CREATED",
     "BATCHES_LOST",
     "BATCH_REQUESTS",
@@ -164,6 +165,12 @@ API_ERRORS = Counter(
     registry=REGISTRY,
 )
 BUILD_INFO = Info("batchd_build", "The running batchd version.", registry=REGISTRY)
+API_THROTTLED_SECONDS = Counter(
+    "batchd_api_throttled_seconds_total",
+    "Seconds this replica's calls waited for a slot of the shared requests-per-minute budget "
+    "(BATCHD_API_RPM, or the tier's).",
+    registry=REGISTRY,
+)
 API_HEALTHY = Gauge(
     "batchd_api_healthy",
     "1 while this replica's calls to the Anthropic API succeed, 0 once they all fail (no answer, 401, 403, "
@@ -294,13 +301,24 @@ _QUEUE_FAMILIES: tuple[tuple[str, str, Callable[[QueueSnapshot], float]], ...] =
         lambda s: s.oldest_age_seconds or 0.0,
     ),
     ("batchd_open_batches", "Message Batches created and not yet fanned out.", lambda s: s.open_batches),
+    (
+        "batchd_api_queue_requests",
+        "Requests in batches created and not yet fanned out: batchd's share of the API's processing queue.",
+        lambda s: s.open_requests,
+    ),
+    (
+        "batchd_held_by_queue_cap",
+        "1 while sealed flushes wait for room in the API's processing queue (BATCHD_API_QUEUE_LIMIT).",
+        lambda s: 1.0 if s.held_by_queue_cap else 0.0,
+    ),
     ("batchd_replicas", "Daemon replicas with a recent heartbeat.", lambda s: s.alive_replicas),
 )
 
 
 class QueueGauges(Collector):
     """Gauges of the shared queue: batchd_intake_pending_requests, batchd_intake_pending_bytes,
-    batchd_intake_oldest_age_seconds, batchd_open_batches and batchd_replicas (no labels).
+    batchd_intake_oldest_age_seconds, batchd_open_batches, batchd_api_queue_requests,
+    batchd_held_by_queue_cap and batchd_replicas (no labels).
 
     Every replica could read these from Redis, and summing them across replicas would multiply them. So the
     daemon calls :meth:`update` only on the replica holding the metrics-leader lease, and :meth:`clear` on

@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .apispec import BATCH_TIERS
 from .errors import ConfigError
 from .store.connection import parse_redis_url
 
@@ -89,8 +90,9 @@ class Settings(BaseSettings):
     max_batch_requests: int = Field(default=10_000, ge=1, le=API_MAX_BATCH_REQUESTS)
     max_batch_bytes: int = Field(default=DEFAULT_MAX_BATCH_BYTES, ge=1024, le=API_MAX_BATCH_BYTES)
     max_batch_age_seconds: float = Field(default=30.0, gt=0, le=86_400)
-    poll_min_seconds: float = Field(default=2.0, gt=0, le=3600)
-    poll_max_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # How often the open batches are checked: one batches.list call covers up to 1,000 of them, so a batch's
+    # end is noticed within this long whatever their number.
+    poll_interval_seconds: float = Field(default=5.0, gt=0, le=300)
     result_ttl_seconds: int = Field(default=7 * 86_400, ge=60)
     max_attempts: int = Field(default=3, ge=1, le=20)
 
@@ -116,6 +118,12 @@ class Settings(BaseSettings):
     # evicting maxmemory-policy unless this is true.
     allow_evicting_redis: bool = False
 
+    # The API key's usage tier: it sets the Message Batches limits batchd keeps to (requests per minute
+    # across every batch endpoint, and requests waiting in the API's processing queue), unless overridden.
+    api_tier: int = Field(default=1, ge=1, le=4)
+    api_rpm: int | None = Field(default=None, ge=1)
+    api_queue_limit: int | None = Field(default=None, ge=1)
+
     # The HTTP front (`batchd front`, docs/front.md): an Anthropic-compatible base URL for any client.
     http_host: str = "127.0.0.1"
     # Unset: `batchd front` listens on 8787.
@@ -137,13 +145,15 @@ class Settings(BaseSettings):
             raise PydanticCustomError("redis_url", str(exc)) from None
         return value
 
-    @field_validator("poll_max_seconds")
-    @classmethod
-    def _poll_range(cls, value: float, info: ValidationInfo) -> float:
-        low = info.data.get("poll_min_seconds")
-        if low is not None and value < low:
-            raise ValueError(f"must be >= poll_min_seconds ({low:g})")
-        return value
+    @property
+    def effective_api_rpm(self) -> int:
+        """Calls per minute batchd allows itself: api_rpm, or 90 % of the tier's (the API's window and ours
+        do not start at the same instant; a margin keeps 429s rare)."""
+        return self.api_rpm or max(1, int(BATCH_TIERS[self.api_tier].rpm * 0.9))
+
+    @property
+    def effective_api_queue_limit(self) -> int:
+        return self.api_queue_limit or BATCH_TIERS[self.api_tier].queue
 
     @field_validator("job_timeout_seconds")
     @classmethod

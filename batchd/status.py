@@ -13,7 +13,7 @@ _MAX_OPEN_SHOWN = 100
 _RECENT_SHOWN = 20
 
 
-async def collect_status(store: Store, *, dead_after_s: float = 10.0) -> dict[str, Any]:
+async def collect_status(store: Store, *, queue_limit: int, dead_after_s: float = 10.0) -> dict[str, Any]:
     snap = await store.snapshot(dead_after_ms=int(dead_after_s * 1000))
     now_ms = snap.at_ms
     open_batches = []
@@ -57,6 +57,12 @@ async def collect_status(store: Store, *, dead_after_s: float = 10.0) -> dict[st
             "read_not_flushed": snap.read_not_flushed,
         },
         "flushes_waiting_for_submit": snap.flushes_waiting,
+        # Why flushes may wait: the API's processing queue (its cap per tier) is full of batchd's requests.
+        "api_queue": {
+            "requests": snap.open_requests,
+            "limit": queue_limit,
+            "held_by_queue_cap": snap.held_by_queue_cap,
+        },
         "open_batches": {"count": snap.open_batches, "batches": open_batches},
         "recent_flushes": [f.as_dict() for f in await store.recent_flushes(_RECENT_SHOWN)],
         "replicas": replicas,
@@ -67,11 +73,14 @@ async def collect_status(store: Store, *, dead_after_s: float = 10.0) -> dict[st
 
 def format_status(status: dict[str, Any]) -> str:
     q = status["queue"]
+    api = status["api_queue"]
     oldest = "-" if q["oldest_age_seconds"] is None else f"{q['oldest_age_seconds']:.1f}s"
     lines = [
         f"queue:         {q['requests']} requests, {q['bytes']} bytes, oldest {oldest} "
         f"({q['read_not_flushed']} read by a replica, not yet flushed)",
         f"flushes:       {status['flushes_waiting_for_submit']} waiting to be submitted",
+        f"api queue:     {api['requests']} of {api['limit']} requests"
+        + ("  HELD: flushes wait for room in the API's queue" if api["held_by_queue_cap"] else ""),
         f"open batches:  {status['open_batches']['count']}",
     ]
     for b in status["open_batches"]["batches"]:

@@ -1,4 +1,5 @@
-"""The batch lifecycle, one module per job: create (and orphan adoption), poll, fan-out, reconcile.
+"""The batch lifecycle: create (and orphan adoption), the poller, fan-out and delivery, lost batches,
+reconcile.
 
 Each job is idempotent: the job runner (arq, see ``batchd/jobs.py``) runs jobs at least once, so a job
 killed half-way simply runs again. A job asks to run again later by raising RetryLater.
@@ -8,7 +9,7 @@ from .context import Context, RetryLater, Scheduler
 from .create import submit_flush
 from .deliver import deliver_lines
 from .fanout import fanout_results
-from .poll import poll_batch
+from .poller import poll_open_batches
 from .reconciler import reconcile
 
 __all__ = [
@@ -17,7 +18,7 @@ __all__ = [
     "Scheduler",
     "deliver_lines",
     "fanout_results",
-    "poll_batch",
+    "poll_open_batches",
     "reconcile",
     "submit_flush",
 ]

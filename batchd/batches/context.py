@@ -29,7 +29,10 @@ class Scheduler(Protocol):
     """Enqueues batch jobs; ``jobs.ArqScheduler`` on arq, a recorder in tests."""
 
     async def submit(self, fid: str) -> None: ...
-    async def poll(self, batch_id: str, defer: float) -> None: ...
+
+    async def fanout(self, batch_id: str) -> bool:
+        """Enqueue the fan-out of an ended batch; False if that job is already waiting or running."""
+        ...
 
 
 @dataclass

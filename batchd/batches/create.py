@@ -22,7 +22,7 @@ from .context import Context, RetryLater, backoff, retry_after, retryable_status
 from .deliver import deliver_lines
 from .resultline import errored_line
 
-__all__ = ["LIST_LAG_S", "SETTLE_S", "submit_flush"]
+__all__ = ["LIST_LAG_S", "QUEUE_HOLD_NOTE_S", "SETTLE_S", "submit_flush"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ LIST_LAG_S = 3.0
 # Statuses that mean the API refused the create outright: nothing was created, the outcome is known.
 _NOT_CREATED_STATUS = frozenset({429, 529})
 _DELIVER_CHUNK = 500
+# How long one queue-cap hold is remembered: outlives the held flushes' retry interval, so the note stays set
+# for as long as any flush keeps being held, and lapses soon after the last one is created.
+QUEUE_HOLD_NOTE_S = 10.0
 
 
 async def submit_flush(ctx: Context, fid: str) -> str:
@@ -68,6 +71,7 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         if not items:
             await store.mark_flush_empty(fid)
             return FlushState.EMPTY.value
+        await _wait_for_queue_room(ctx, fid, len(items))
         body = build_body((custom_id_for(i.rid, i.attempt).encode(), i.body) for i in items)
         # Betas and the API version are the create call's headers: they apply to the whole batch.
         headers = (await store.batch_headers(flush.group)).http_headers()
@@ -102,7 +106,36 @@ async def submit_flush(ctx: Context, fid: str) -> str:
             raise
         metrics.count_api_success("create")
         await _record(ctx, flush, batch, requests=len(items), adopted=False)
+        # Room was found: the accumulator may go on at once (a flush still held says so again on its retry).
+        await store.clear_held_by_queue_cap()
         return batch.id
+
+
+async def _wait_for_queue_room(ctx: Context, fid: str, requests: int) -> None:
+    """Hold the flush back (RetryLater) while its batch would take batchd's requests in the API's processing
+    queue past the cap (BATCHD_API_QUEUE_LIMIT, or the tier's): the API would refuse it with a 429 anyway.
+    Called under the create lock, so the count cannot change between this check and the create. A batch
+    alone larger than the cap is sent when nothing else is open (waiting could never help it)."""
+    store = ctx.store
+    open_requests = await store.open_requests()
+    limit = ctx.settings.effective_api_queue_limit
+    if open_requests == 0 or open_requests + requests <= limit:
+        return
+    # Seen by `batchd status`, the batchd_held_by_queue_cap gauge and the accumulator (which stops
+    # flushing, so intake fills and backpressure reaches the producers) for as long as holds continue.
+    first = await store.held_by_queue_cap_since() is None
+    await store.note_held_by_queue_cap(
+        ms=int(max(QUEUE_HOLD_NOTE_S, 2 * ctx.settings.poll_interval_seconds) * 1000)
+    )
+    log.log(
+        logging.INFO if first else logging.DEBUG,
+        "flush %s (%d requests) waits: the API's queue holds %d of batchd's requests (cap %d)",
+        fid,
+        requests,
+        open_requests,
+        limit,
+    )
+    raise RetryLater(ctx.settings.poll_interval_seconds, "the API's processing queue is full")
 
 
 async def _create(ctx: Context, body: bytes, headers: dict[str, str]) -> MessageBatch:
@@ -216,7 +249,6 @@ async def _record(
         trigger=summary.trigger,
         adopted=adopted,
     )
-    await ctx.scheduler.poll(batch.id, ctx.settings.poll_min_seconds)
 
 
 async def _fail_flush(ctx: Context, fid: str, items: list[FlushItem], exc: anthropic.APIStatusError) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import anthropic
 import httpx2
 
 from .. import metrics
 from ..logs import log_event
-from ..store import custom_id_for
+from ..store import BatchState, custom_id_for
 from .context import Context, RetryLater, backoff
 from .deliver import deliver_lines
 from .lost import note_missing
@@ -22,6 +24,26 @@ log = logging.getLogger(__name__)
 _DELIVER_CHUNK = 500
 
 
+@contextlib.asynccontextmanager
+async def _results_stream(
+    ctx: Context, batch_id: str, headers: dict[str, str]
+) -> AsyncIterator[httpx2.Response]:
+    """The results download, streamed. Not the SDK's ``batches.results``: it retrieves the batch first for
+    its ``results_url``, a second call against the per-minute limit for every batch. The poller has just
+    seen the batch end, and the results endpoint is the documented
+    ``GET /v1/messages/batches/{id}/results`` (what ``results_url`` names)."""
+    response = await ctx.api.get(
+        f"/v1/messages/batches/{batch_id}/results",
+        cast_to=httpx2.Response,
+        stream=True,
+        options={"headers": {"Accept": "application/binary", **headers}},
+    )
+    try:
+        yield response
+    finally:
+        await response.aclose()
+
+
 async def fanout_results(ctx: Context, batch_id: str) -> str:
     """Stream the batch's results and deliver each line. Checkpointed every chunk; delivery is idempotent.
 
@@ -31,17 +53,18 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
     """
     store = ctx.store
     record = await store.batch(batch_id)
+    if record is not None and record.state is BatchState.DONE:
+        return BatchState.DONE.value  # fanned out already (a job run again after it finished)
     cursor = record.cursor if record is not None else 0
     resumed = cursor > 0
     lineno = 0
     metrics.API_REQUESTS.labels(op="results").inc()
     try:
         headers = (await store.batch_headers(record.group)).http_headers() if record is not None else {}
-        results = ctx.api.messages.batches.with_streaming_response.results
-        async with results(batch_id, extra_headers=headers) as response:
+        async with _results_stream(ctx, batch_id, headers) as response:
             metrics.count_api_success("results")
             pending: list[bytes] = []
-            async for line in response.iter_lines():
+            async for line in response.aiter_lines():
                 if not line.strip():
                     continue
                 lineno += 1
@@ -57,9 +80,9 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
                 await store.set_cursor(batch_id, lineno)
     except anthropic.NotFoundError as exc:
         metrics.count_api_error("results", exc)
-        if record is None:
-            raise RetryLater(ctx.settings.poll_min_seconds, "results not found (404)") from exc
-        return await note_missing(ctx, record)
+        if record is not None and await note_missing(ctx, record):
+            return "lost"
+        raise RetryLater(ctx.settings.poll_interval_seconds, "results not found (404)") from exc
     except (anthropic.APIError, httpx2.HTTPError, OSError) as exc:
         metrics.count_api_error("results", exc)
         log.warning(

@@ -8,7 +8,7 @@ import logging
 from .. import metrics
 from ..logs import log_event
 from ..store import BatchRecord, custom_id_for, now_ms
-from .context import Context, RetryLater
+from .context import Context
 from .deliver import deliver_lines
 from .resultline import errored_line
 
@@ -24,19 +24,18 @@ UNSEEN_LOST_AFTER_S = 300.0
 _DELIVER_CHUNK = 500
 
 
-async def note_missing(ctx: Context, record: BatchRecord) -> str:
-    """The API answered 404 for this batch (retrieve, or its results): wait, or give it up as lost."""
+async def note_missing(ctx: Context, record: BatchRecord) -> bool:
+    """The API does not have this batch right now (a 404, or absent from a list that reached it). True if
+    it is now given up as lost (its requests are back in the queue); False: wait and look again."""
     since = await ctx.store.note_batch_missing(record.batch_id)
     now = now_ms()
     # Found before: lost once missing for LOST_AFTER_S. Never found: give it UNSEEN_LOST_AFTER_S from create.
     seen_lost_at = since + LOST_AFTER_S * 1000
     lost_at = seen_lost_at if record.seen else record.created_ms + UNSEEN_LOST_AFTER_S * 1000
     if now < lost_at:
-        raise RetryLater(
-            min(ctx.settings.poll_max_seconds, max(ctx.settings.poll_min_seconds, (lost_at - now) / 1000)),
-            "batch not found (404)",
-        )
-    return await lose_batch(ctx, record, f"answered 404 for {(now - since) / 1000:.0f}s")
+        return False
+    await lose_batch(ctx, record, f"not found for {(now - since) / 1000:.0f}s")
+    return True
 
 
 async def lose_batch(ctx: Context, record: BatchRecord, why: str) -> str:

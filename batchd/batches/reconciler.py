@@ -16,10 +16,11 @@ STALE_BUILDING_S = 60.0
 
 
 async def reconcile(ctx: Context) -> dict[str, int]:
-    """Safe to run anywhere and often: seal abandoned flushes, and make sure every sealed flush has a
-    submit job and every open batch a poll job (the job ids make re-enqueueing a no-op)."""
+    """Safe to run anywhere and often: seal abandoned flushes, make sure every sealed flush has a submit job
+    (the job ids make re-enqueueing a no-op), and recount the requests in open batches (the API queue's
+    share that is ours). Open batches need nothing here: the poller looks at every one each tick."""
     store = ctx.store
-    counts = {"sealed": 0, "submit": 0, "poll": 0}
+    counts = {"sealed": 0, "submit": 0}
     if not await store.take_reconcile_turn(ms=4000):
         return counts
     now = now_ms()
@@ -35,7 +36,5 @@ async def reconcile(ctx: Context) -> dict[str, int]:
             counts["submit"] += 1
         elif state is not FlushState.BUILDING:
             await store.forget_flush(fid)
-    for batch_id in await store.open_batch_ids():
-        await ctx.scheduler.poll(batch_id, 0)
-        counts["poll"] += 1
+    await store.recount_open_requests()
     return counts

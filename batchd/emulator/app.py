@@ -326,6 +326,7 @@ async def _list_batches(request: web.Request) -> web.StreamResponse:
     if after_id is not None and before_id is not None:
         raise ApiError(400, "invalid_request_error", "Only one of after_id and before_id may be given")
     page, has_more = state.store.page(limit, after_id, before_id)
+    state.store.stats.list_calls += 1
     now, base = state.store.clock(), _base_url(request)
     return _json(
         {
@@ -340,6 +341,7 @@ async def _list_batches(request: web.Request) -> web.StreamResponse:
 async def _retrieve_batch(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     batch = state.store.lookup(request.match_info["batch_id"])
+    state.store.stats.retrieve_calls += 1
     return _json(batch.to_json(state.store.clock(), _base_url(request)))
 
 

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..apispec import BATCH_TIERS
+
 __all__ = ["INT_KNOBS", "KNOB_HELP", "LIST_KNOBS", "TIERS", "EmulatorConfig", "KnobValue"]
 
 KnobValue = float | int | list[str] | None
@@ -27,12 +29,9 @@ INT_KNOBS = frozenset({"rpm_limit", "queue_limit", "cache_min_tokens"})
 LIST_KNOBS = frozenset({"valid_api_keys"})
 
 TIERS: dict[int, dict[str, int]] = {
-    # The Message Batches API's published limits per usage tier (anthropic-batches-api.md, section 4):
-    # requests per minute across every batch endpoint, and requests waiting in the processing queue.
-    1: {"rpm_limit": 50, "queue_limit": 100_000},
-    2: {"rpm_limit": 1_000, "queue_limit": 200_000},
-    3: {"rpm_limit": 2_000, "queue_limit": 300_000},
-    4: {"rpm_limit": 4_000, "queue_limit": 500_000},
+    # The Message Batches API's published limits per usage tier (one table, apispec's, for batchd too).
+    tier: {"rpm_limit": limits.rpm, "queue_limit": limits.queue}
+    for tier, limits in BATCH_TIERS.items()
 }
 """`tier` (a pseudo-knob of update(), the CLI's --tier) sets both limits from this table."""
 

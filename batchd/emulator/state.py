@@ -63,6 +63,8 @@ class EmulatorState:
     def stats(self) -> dict[str, int]:
         counters = self.store.stats.counters()
         counters["batches_open"] = self.store.open_batches()
+        # Creates whose body the emulator holds and whose batch is not made yet (create_delay_seconds).
+        counters["creates_in_flight"] = len(self.pending)
         return counters
 
     def reset(self) -> None:

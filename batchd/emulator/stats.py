@@ -18,6 +18,8 @@ class Stats:
     # custom ids seen in more than one created batch: work the user pays for twice
     duplicate_custom_ids: int = 0
     realtime_requests: int = 0  # POST /v1/messages calls that reached the handler
+    list_calls: int = 0  # GET /v1/messages/batches answered (a page each)
+    retrieve_calls: int = 0  # GET /v1/messages/batches/{id} answered
     results_downloads: int = 0  # results downloads started
     results_cut: int = 0  # of which broken off on purpose
     auth_failures: int = 0

@@ -99,6 +99,27 @@ class Keys:
         """Pub/sub channel: every delivered request id, so one subscriber per process wakes its waiters."""
         return f"{self.tag}:delivered"
 
+    # --- the API's limits ----------------------------------------------------------------------------------
+    @property
+    def api_window(self) -> str:
+        """Zset: the API calls of the last minute (the shared requests-per-minute budget)."""
+        return f"{self.tag}:api:window"
+
+    @property
+    def open_requests(self) -> str:
+        """Counter: requests in batches created and not yet fanned out (against the API's queue cap)."""
+        return f"{self.tag}:batches:open_requests"
+
+    @property
+    def held_by_queue_cap(self) -> str:
+        """String (expiring): set while creates wait for room in the API's queue, for status."""
+        return f"{self.tag}:held:queue_cap"
+
+    @property
+    def poller_lease(self) -> str:
+        """Lease: the one replica that polls the open batches."""
+        return f"{self.tag}:lease:poller"
+
     # --- daemon bookkeeping -------------------------------------------------------------------------------
     @property
     def replicas(self) -> str:

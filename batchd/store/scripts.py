@@ -35,7 +35,16 @@ __all__ = [
     "script_source",
 ]
 
-SCRIPT_NAMES = ("enqueue", "commit_flush", "seal_flush", "deliver", "cancel", "lease", "release_lock")
+SCRIPT_NAMES = (
+    "enqueue",
+    "commit_flush",
+    "seal_flush",
+    "deliver",
+    "cancel",
+    "lease",
+    "release_lock",
+    "rate_slot",
+)
 
 
 @cache
@@ -211,6 +220,10 @@ class Scripts:
     async def lease(self, key: str, holder: str, *, ms: int) -> bool:
         """Take or renew the lease ``key`` for ``holder``; False if another holds it."""
         return bool(await self._call("lease", [key], [holder, ms]))
+
+    async def rate_slot(self, *, now_ms: int, limit: int, window_ms: int, token: str) -> int:
+        """Take a slot of the API call budget: 0 if taken, else the ms until one frees."""
+        return int(await self._call("rate_slot", [self._keys.api_window], [now_ms, limit, window_ms, token]))
 
     async def release_lock(self, key: str, holder: str) -> bool:
         """Release ``key`` only if ``holder`` still holds it."""

@@ -62,6 +62,8 @@ class QueueSnapshot:
     read_not_flushed: int  # read by some replica, not yet flushed
     flushes_waiting: int  # sealed (or building) flushes whose batch is not created yet
     open_batches: int  # created and not yet fanned out
+    open_requests: int  # the requests in those: what the API's processing queue holds of ours
+    held_by_queue_cap: bool  # sealed flushes are waiting for room in that queue
     replicas: dict[str, int]  # replica name -> last heartbeat (ms)
     alive_replicas: int  # of which with a recent heartbeat
 
@@ -265,6 +267,7 @@ class Store:
             pipe.zrem(k.flushes, flush.fid)
             pipe.zadd(k.known_batches, {batch_id: created_ms})
             pipe.zadd(k.open_batches, {batch_id: created_ms})
+            pipe.incrby(k.open_requests, requests)
             pipe.hset(
                 k.batch(batch_id),
                 mapping={
@@ -340,12 +343,49 @@ class Store:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(k.batch(batch.batch_id), mapping={"state": BatchState.DONE, "lines": lines})
             pipe.zrem(k.open_batches, batch.batch_id)
+            pipe.decrby(k.open_requests, batch.requests)
             if batch.fid:
                 pipe.hset(k.flush(batch.fid), "state", FlushState.DONE)
                 pipe.expire(k.flush(batch.fid), ttl_seconds)
                 pipe.expire(k.flush_rids(batch.fid), ttl_seconds)
             pipe.expire(k.batch(batch.batch_id), ttl_seconds)
             await pipe.execute()
+
+    async def open_requests(self) -> int:
+        """Requests in batches created and not yet fanned out: what the API's queue holds of ours."""
+        return int(await self.redis.get(self.keys.open_requests) or 0)
+
+    async def recount_open_requests(self) -> int:
+        """Set the open-requests counter from the open batches themselves (the reconciler heals any drift a
+        crash between two writes left)."""
+        total = sum(b.requests for b in await self.open_batches())
+        await self.redis.set(self.keys.open_requests, total)
+        return total
+
+    async def note_held_by_queue_cap(self, *, ms: int) -> None:
+        """A flush was held back by the API's queue cap: keep the note (it remembers when holding began)
+        for another ``ms``."""
+        key = self.keys.held_by_queue_cap
+        if not await self.redis.set(key, now_ms(), nx=True, px=ms):
+            await self.redis.pexpire(key, ms)
+
+    async def clear_held_by_queue_cap(self) -> None:
+        await self.redis.delete(self.keys.held_by_queue_cap)
+
+    async def held_by_queue_cap_since(self) -> int | None:
+        raw = await self.redis.get(self.keys.held_by_queue_cap)
+        return None if raw is None else int(raw)
+
+    async def open_batches(self) -> list[BatchRecord]:
+        """Every batch not yet fanned out, oldest first."""
+        out: list[BatchRecord] = []
+        for chunk in _chunks(await self.open_batch_ids()):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for batch_id in chunk:
+                    pipe.hgetall(self.keys.batch(batch_id))
+                rows = await pipe.execute()
+            out.extend(r for b, raw in zip(chunk, rows, strict=True) if (r := BatchRecord.from_hash(b, raw)))
+        return out
 
     # --- locks and leases ---------------------------------------------------------------------------------
     async def take_lock(self, key: str, value: str, *, ms: int) -> bool:
@@ -365,6 +405,9 @@ class Store:
 
     async def take_metrics_lease(self, holder: str, *, ms: int) -> bool:
         return await self.scripts.lease(self.keys.metrics_leader, holder, ms=ms)
+
+    async def take_poller_lease(self, holder: str, *, ms: int) -> bool:
+        return await self.scripts.lease(self.keys.poller_lease, holder, ms=ms)
 
     # --- replicas -----------------------------------------------------------------------------------------
     async def claim_replica(self, name: str, token: str, *, ms: int, force: bool = False) -> str | None:
@@ -458,7 +501,9 @@ class Store:
             pipe.zcard(k.open_batches)
             pipe.zcard(k.flushes)
             pipe.zrange(k.replicas, 0, -1, withscores=True)
-            (n, nbytes), first, open_batches, flushes, replicas = await pipe.execute()
+            pipe.get(k.open_requests)
+            pipe.exists(k.held_by_queue_cap)
+            (n, nbytes), first, open_batches, flushes, replicas, open_requests, held = await pipe.execute()
         oldest = None
         if first and int(n or 0) > 0:
             oldest = max(0.0, (at - int(text(first[0][0]).split("-", 1)[0])) / 1000)
@@ -471,6 +516,8 @@ class Store:
             read_not_flushed=await self.intake.group_pending(),
             flushes_waiting=int(flushes),
             open_batches=int(open_batches),
+            open_requests=int(open_requests or 0),
+            held_by_queue_cap=bool(held),
             replicas=beats,
             alive_replicas=sum(1 for beat in beats.values() if at - beat < dead_after_ms),
         )

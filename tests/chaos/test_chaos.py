@@ -65,8 +65,9 @@ FAULTS: dict[str, float] = {
 DAEMON_SETTINGS: dict[str, object] = {
     "max_batch_requests": 200,
     "max_batch_age_seconds": 0.3,
-    "poll_min_seconds": 0.1,
-    "poll_max_seconds": 0.5,
+    "poll_interval_seconds": 0.1,
+    # The emulator here has no rate limit (its faults include 429s): tier 4 describes it.
+    "api_tier": 4,
     # Every product setting at its default (timeouts, leases, attempts): only the batch age and the poll
     # interval are shortened, to make the test fast.
 }
@@ -282,7 +283,7 @@ class Progress:
             [
                 k.decode().removeprefix(prefix)
                 async for k in redis.scan_iter(match=prefix + "*", count=1000)
-                if k.decode().startswith((prefix + "submit:", prefix + "poll:"))
+                if k.decode().startswith((prefix + "submit:", prefix + "fanout:"))
             ]
         )
         open_batches = await redis.zcard(keys.open_batches)

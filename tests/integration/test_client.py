@@ -623,10 +623,10 @@ def test_make_settings_defaults_point_at_the_private_redis(
     assert not redis_url.startswith("redis://127.0.0.1:6379/")  # never the machine's shared instance
     assert settings.anthropic_api_key is not None
     assert settings.anthropic_api_key.get_secret_value() == "test-key"
-    assert (settings.max_batch_age_seconds, settings.poll_min_seconds, settings.poll_max_seconds) == (
+    assert (settings.max_batch_age_seconds, settings.poll_interval_seconds, settings.api_tier) == (
         0.5,
         0.1,
-        0.5,
+        4,
     )
     assert settings.metrics_port == 0
     assert settings.max_attempts == 5

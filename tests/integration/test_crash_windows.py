@@ -29,6 +29,7 @@ from batchd import accumulator as accumulator_module
 from batchd.accumulator import Accumulator
 from batchd.batches import Context, RetryLater
 from batchd.batches import reconciler as reconcile_module
+from batchd.batches.lost import LOST_AFTER_S
 from batchd.emulator.testing import async_wait_for_batch
 from batchd.leases import LEASE_S
 from batchd.settings import Settings, load_settings
@@ -47,34 +48,46 @@ def params(text: str) -> dict[str, Any]:
 # --- a tiny job runner, the answers, the flushes ----------------------------------------------------------
 class Jobs:
     """A batches.Scheduler that records the jobs batchd asks for and runs them on demand: a tiny arq with
-    arq's job-id rule (a job already waiting is not enqueued twice) and its deferrals."""
+    arq's job-id rule (a job already waiting is not enqueued twice) and its deferrals, plus the daemon's
+    poller (a tick while batches are open)."""
 
     def __init__(self) -> None:
         self.submits: list[str] = []
-        self.polls: list[str] = []
+        self.fanouts: list[str] = []
         self._due: dict[tuple[str, str], float] = {}
 
     async def submit(self, fid: str) -> None:
         self.submits.append(fid)
         self._due.setdefault(("submit", fid), time.monotonic())
 
-    async def poll(self, batch_id: str, defer: float) -> None:
-        self.polls.append(batch_id)
-        self._due.setdefault(("poll", batch_id), time.monotonic() + defer)
+    async def fanout(self, batch_id: str) -> bool:
+        if ("fanout", batch_id) in self._due:
+            return False
+        self.fanouts.append(batch_id)
+        self._due[("fanout", batch_id)] = time.monotonic()
+        return True
 
-    async def run(self, ctx: Context, timeout: float = 30.0) -> dict[str, str]:
-        """Run the due jobs (waiting out each deferral, as arq does) until none is left."""
+    async def run(self, ctx: Context, timeout: float = 30.0, poll_every: float = 0.1) -> dict[str, str]:
+        """Run the due jobs (waiting out each deferral, as arq does), and a poller tick every ``poll_every``
+        while batches are open, until no job is due and no batch is open."""
         outcomes: dict[str, str] = {}
         deadline = time.monotonic() + timeout
-        while self._due:
-            job, when = min(self._due.items(), key=lambda item: item[1])
+        next_tick = time.monotonic()
+        while self._due or await ctx.store.open_batch_ids():
             if time.monotonic() > deadline:
                 raise AssertionError(f"jobs still due after {timeout}s: {sorted(self._due)}")
+            if time.monotonic() >= next_tick and await ctx.store.open_batch_ids():
+                await batches.poll_open_batches(ctx)
+                next_tick = time.monotonic() + poll_every
+                continue
+            job, when = min(self._due.items(), key=lambda item: item[1], default=(None, next_tick))
             if when > time.monotonic():
-                await asyncio.sleep(when - time.monotonic())  # the deferral the job asked for
+                await asyncio.sleep(min(when, next_tick) - time.monotonic())  # the deferral asked for
+                continue
+            assert job is not None
             del self._due[job]
             kind, arg = job
-            job_fn = batches.submit_flush if kind == "submit" else batches.poll_batch
+            job_fn = batches.submit_flush if kind == "submit" else batches.fanout_results
             try:
                 outcomes[f"{kind}:{arg}"] = await job_fn(ctx, arg)
             except RetryLater as exc:
@@ -444,7 +457,7 @@ async def test_between_intent_and_create_returning_the_orphan_batch_is_adopted_n
         flush = await store.flush(fid)
         assert flush is not None and (flush.state, flush.batch_id) == (FlushState.SUBMITTED, orphan)
         assert (await store.recent_flushes(1))[0].adopted is True
-        assert jobs.polls == [orphan]
+        assert await store.open_batch_ids() == [orphan]  # the poller follows it from here
         await jobs.run(ctx)
     await answers.assert_answered_once(texts)
     stats = emulator.stats()
@@ -520,6 +533,71 @@ async def test_between_intent_and_create_returning_another_flushs_orphan_is_not_
     assert [r.attempts if r else None for r in records] == [1] * 10
 
 
+async def test_a_create_that_outlives_its_timeout_and_then_succeeds_is_adopted_not_paid_twice(
+    store: Store, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+) -> None:
+    """The create call times out (create_timeout_seconds) while the API still works on the body, and the API
+    then makes the batch. The retry must wait for it and adopt it, never create again.
+
+    The timeout is shortened here only to reach this window in seconds rather than five minutes: the
+    window's own bound (SETTLE_S after the attempt ended) is the default."""
+    settings = make_settings(emulator=True, create_timeout_seconds=5.0)  # its lowest
+    log = FlushLog()
+    async with AsyncClient(settings=settings) as client:
+        texts = await submit(client, "created after the timeout", 5)
+    await flush_queued(make_accumulator(store, "acc", log))
+    [(_, fid, _)] = log.flushes
+    emulator.configure(create_delay_seconds=7.0)  # the API makes the batch 2 s after the call gave up
+    jobs = Jobs()
+    async with batch_context(settings, store, jobs) as ctx:
+        with pytest.raises(RetryLater, match="TimeoutError"):
+            await batches.submit_flush(ctx, fid)
+        emulator.configure(create_delay_seconds=0.0)
+        flush = await store.flush(fid)
+        assert flush is not None and flush.attempt_ended_ms is not None and not flush.attempt_answered
+        batch_id = await run_until_settled(batches.submit_flush, ctx, fid)
+        assert (await store.recent_flushes(1))[0].adopted is True
+        assert emulator.stats()["batches_created"] == 1
+        await jobs.run(ctx)
+    await answers.assert_answered_once(texts)
+    stats = emulator.stats()
+    assert (stats["batches_created"], stats["duplicate_custom_ids"]) == (1, 0)
+    assert (await store.batch(batch_id)) is not None
+
+
+async def test_a_batch_the_api_forgot_is_sent_again(
+    store: Store, make_settings: Callable[..., Settings], emulator: Any, answers: Answers
+) -> None:
+    """A batch the API has shown once and then no longer has (forgotten: deleted, or an API that lost it):
+    after LOST_AFTER_S of not finding it, its requests are sent again in a new batch and answered once."""
+    emulator.configure(processing_seconds=3600.0)
+    settings = make_settings(emulator=True, max_batch_age_seconds=0.1)
+    async with running_daemon(settings), AsyncClient(settings=settings) as client:
+        texts = await submit(client, "in a batch the API forgets", 3)
+
+        async def seen_open() -> bool:
+            ids = await store.open_batch_ids()
+            record = await store.batch(ids[0]) if ids else None
+            return record is not None and record.seen
+
+        await eventually(seen_open, timeout=30)
+        [lost] = await store.open_batch_ids()
+        emulator.configure(processing_seconds=0.2)
+        assert emulator.forget_batch(lost)
+        forgotten_at = time.monotonic()
+
+        async def all_answered() -> bool:
+            return sum(line is not None for line in await store.result_lines(list(texts))) == len(texts)
+
+        await eventually(all_answered, timeout=LOST_AFTER_S + 30, interval=0.2)
+        took = time.monotonic() - forgotten_at
+    await answers.assert_answered_once(texts)
+    stats = emulator.stats()
+    assert (stats["batches_created"], stats["batches_forgotten"]) == (2, 1)
+    assert LOST_AFTER_S <= took < LOST_AFTER_S + 10, f"sent again {took:.1f}s after the API forgot it"
+    assert await store.open_batch_ids() == []
+
+
 async def _batches(settings: Settings) -> AsyncIterator[Any]:
     assert settings.anthropic_api_key is not None
     async with anthropic.AsyncAnthropic(
@@ -586,9 +664,10 @@ async def test_inside_fanout_a_cut_results_stream_resumes_from_its_checkpoint_an
         )
         results = await answers.assert_answered_once(texts)
 
-        # Running the fan-out (or the poll) of a finished batch again answers nobody twice.
-        assert await batches.fanout_results(ctx, batch_id) == "delivered"
-        assert await batches.poll_batch(ctx, batch_id) == "done"
+        # Running the fan-out of a finished batch again answers nobody twice, and the poller no longer
+        # looks at it.
+        assert await batches.fanout_results(ctx, batch_id) == "done"
+        assert (await batches.poll_open_batches(ctx))["open"] == 0 and jobs.fanouts == []
         assert await answers.published() == Counter({rid: 1 for rid in texts})
         again = await store.result_lines(list(texts))
         assert [orjson.loads(line) for line in again if line] == list(results.values())
@@ -603,12 +682,10 @@ async def test_inside_fanout_a_cut_after_many_polls_is_retried_within_seconds(
     make_settings: Callable[..., Settings], emulator: Any, store: Store
 ) -> None:
     """The backoff after a broken results download counts failed downloads of this batch, not polls:
-    a batch polled twenty times and then cut once must not wait the 60 s cap (arq's job_try, once used as
-    the attempt, counts every run of the poll job)."""
+    a batch polled many times and then cut once must not wait the 60 s cap (arq's job_try, once used as
+    the attempt, counted every run of the old per-batch poll job)."""
     emulator.configure(processing_seconds=3.0)
-    settings = make_settings(
-        emulator=True, max_batch_age_seconds=0.1, poll_min_seconds=0.1, poll_max_seconds=0.15
-    )
+    settings = make_settings(emulator=True, max_batch_age_seconds=0.1, poll_interval_seconds=0.1)
     async with running_daemon(settings), AsyncClient(settings=settings) as client:
         rid = await client.submit(params("cut once, after a long wait"))
         emulator.configure(results_cut_rate=1.0)
@@ -639,53 +716,60 @@ async def test_inside_fanout_a_cut_after_many_polls_is_retried_within_seconds(
 
 
 # --- a job SIGKILLed inside arq ---------------------------------------------------------------------------
-async def _kill_mid_poll(
+async def _kill_mid_create(
     store: Store, emulator: Any, client: AsyncClient, first: DaemonProcess
 ) -> tuple[str, str, float, float]:
-    """Start ``first``, get a batch open and its poll job held inside an API call, SIGKILL ``first`` there.
+    """Start ``first``, get its submit job held inside the create call, SIGKILL ``first`` there. The API
+    creates the batch 3 s later all the same (the reply goes nowhere): an orphan for the next replica.
     Returns (request id, the job's in-progress key, its TTL at the kill (s), the kill time)."""
-    emulator.configure(processing_seconds=3.0)
+    emulator.configure(create_delay_seconds=3.0)
     first.start()
-    rid = await client.submit(params("killed mid-poll"))
+    rid = await client.submit(params("killed mid-create"))
 
-    async def batch_open() -> bool:
-        return bool(await store.open_batch_ids())
+    async def creating() -> bool:
+        return await store.inflight_create() is not None
 
-    await eventually(batch_open, timeout=30)
-    [batch_id] = await store.open_batch_ids()
-    in_progress = f"{KEYS.arq_namespace}in-progress:poll:{batch_id}"
-    # Hold the poll job inside its run: every API call is a 429 with retry-after 3 s for a while.
-    emulator.configure(rate_limit_rate=1.0, retry_after_seconds=3)
+    await eventually(creating, timeout=30, interval=0.01)
+    in_progress = f"{KEYS.arq_namespace}in-progress:submit:{await store.inflight_create()}"
 
-    async def poll_job_running() -> bool:
+    async def submit_job_running() -> bool:
         return bool(await store.redis.exists(in_progress))
 
-    await eventually(poll_job_running, timeout=10, interval=0.01)
+    await eventually(submit_job_running, timeout=10, interval=0.01)
+
+    # The API has the whole body: from here it makes the batch, whatever happens to the caller.
+    async def api_has_the_body() -> bool:
+        return bool(emulator.stats()["creates_in_flight"] == 1)
+
+    await eventually(api_has_the_body, timeout=10, interval=0.01)
     first.kill()
     killed_at = time.monotonic()
-    emulator.configure(rate_limit_rate=0.0, retry_after_seconds=0)
+    emulator.configure(create_delay_seconds=0.0)
     return rid, in_progress, await store.redis.pttl(in_progress) / 1000, killed_at
 
 
 @pytest.mark.timeout(120)
-async def test_a_job_killed_with_its_replica_is_taken_over_when_its_lease_lapses(
+async def test_a_replica_killed_mid_create_is_taken_over_within_seconds(
     redis_url: str, store: Store, emulator: Any, tmp_path: Path
 ) -> None:
-    """A replica is SIGKILLed while its poll job runs, at default settings. arq marks a running job with an
-    in-progress key; batchd makes it a lease renewed by the replica's heartbeat, so another replica runs the
-    job once it lapses (LEASE_S), not after the longest job timeout."""
+    """A replica is SIGKILLed while its submit job is inside the create call, at default settings. arq marks
+    a running job with an in-progress key; batchd makes it a lease renewed by the replica's heartbeat, so
+    another replica runs the job once it lapses (LEASE_S), not after the longest job timeout; it finds the
+    batch the dead replica's create made and adopts it (nothing is paid twice)."""
     env = daemon_env(
-        redis_url, emulator.base_url, max_batch_age_seconds=0.1, poll_min_seconds=0.1, poll_max_seconds=0.5
+        redis_url, emulator.base_url, max_batch_age_seconds=0.1, poll_interval_seconds=0.1, api_tier=4
     )
     first, second = DaemonProcess("first", env, tmp_path), DaemonProcess("second", env, tmp_path)
     try:
         async with AsyncClient(settings=load_settings(redis_url=redis_url)) as client:
-            rid, _, ttl_s, killed_at = await _kill_mid_poll(store, emulator, client, first)
+            rid, _, ttl_s, killed_at = await _kill_mid_create(store, emulator, client, first)
             assert 0 < ttl_s <= LEASE_S, f"a killed job is blocked for {ttl_s:.0f}s by its in-progress key"
             second.start()
             result = await client.result(rid, timeout=LEASE_S + 30)
             assert result.type == "succeeded"
             assert time.monotonic() - killed_at < LEASE_S + 15
+        stats = emulator.stats()
+        assert (stats["batches_created"], stats["duplicate_custom_ids"]) == (1, 0), "paid twice"
     finally:
         first.kill()
         second.kill()
@@ -698,12 +782,12 @@ async def test_a_restarted_replica_takes_back_its_own_jobs_at_once(
     """The same replica (same name) restarts after a SIGKILL: it frees the jobs its dead process held at once,
     rather than when their leases lapse."""
     env = daemon_env(
-        redis_url, emulator.base_url, max_batch_age_seconds=0.1, poll_min_seconds=0.1, poll_max_seconds=0.5
+        redis_url, emulator.base_url, max_batch_age_seconds=0.1, poll_interval_seconds=0.1, api_tier=4
     )
     replica = DaemonProcess("only", env, tmp_path)
     try:
         async with AsyncClient(settings=load_settings(redis_url=redis_url)) as client:
-            rid, in_progress, ttl_s, killed_at = await _kill_mid_poll(store, emulator, client, replica)
+            rid, in_progress, ttl_s, killed_at = await _kill_mid_create(store, emulator, client, replica)
             replica.start()
 
             async def freed() -> bool:
@@ -717,5 +801,7 @@ async def test_a_restarted_replica_takes_back_its_own_jobs_at_once(
             )
             result = await client.result(rid, timeout=30)
             assert result.type == "succeeded"
+        stats = emulator.stats()
+        assert (stats["batches_created"], stats["duplicate_custom_ids"]) == (1, 0), "paid twice"
     finally:
         replica.kill()

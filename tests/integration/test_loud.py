@@ -65,12 +65,12 @@ async def test_an_unreachable_api_shows_in_the_gauge_and_in_status(
         await client.submit(params("never created"))
 
         async def reported() -> bool:
-            replicas = (await collect_status(store))["replicas"]
+            replicas = (await collect_status(store, queue_limit=100_000))["replicas"]
             api = next((r.get("api") for r in replicas if r["name"] == "cut-off"), None)
             return api is not None and not api["healthy"]
 
         await eventually(reported, timeout=20, interval=0.2, what="status to report the API failing")
         assert metrics.REGISTRY.get_sample_value("batchd_api_healthy") == 0
-        replicas = (await collect_status(store))["replicas"]
+        replicas = (await collect_status(store, queue_limit=100_000))["replicas"]
         [api] = [r["api"] for r in replicas if r["name"] == "cut-off"]
         assert "connection" in api["last_error"]

@@ -213,10 +213,11 @@ async def test_a_job_cut_off_by_the_crash_runs_again_soon_after_redis_is_back(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="batchd")
     caplog.set_level(logging.INFO, logger="arq.worker")
-    # A poll job is in the middle of its API call when Redis dies; the call ends while Redis is down, so the
-    # job cannot record its outcome. Its arq in-progress key survives the crash (AOF, with its TTL): unless
-    # the daemon clears what its dead worker left, the batch is not polled again until that lease lapses.
-    emulator.configure(processing_seconds=0.5)
+    # A submit job is inside its create call when Redis dies; the call returns while Redis is down, so the
+    # job cannot record the batch it made. Its arq in-progress key survives the crash (AOF, with its TTL):
+    # unless the daemon clears what its dead worker left, the job does not run again until that lease
+    # lapses. When it does run, it must adopt the batch its cut-off create made, not pay for it twice.
+    emulator.configure(create_delay_seconds=1.5)
     settings = make_settings(
         emulator=True,
         redis_url=aof_server.url,
@@ -225,36 +226,23 @@ async def test_a_job_cut_off_by_the_crash_runs_again_soon_after_redis_is_back(
     async with running_daemon(settings) as daemon, AsyncClient(settings=settings) as client:
         rid = await client.submit(params("cut off"), "cut-off-1")
 
-        async def batch_open() -> bool:
-            return bool(await daemon.store.open_batch_ids())
+        async def creating() -> bool:
+            return await daemon.store.inflight_create() is not None
 
-        await eventually(batch_open, timeout=15)
-        # Every API call now takes three 429 answers ~0.5 s apart (the SDK honours retry-after): a poll job
-        # is in progress for about a second.
-        base = emulator.stats()["faults_rate_limit"]
-        emulator.configure(rate_limit_rate=1.0, retry_after_seconds=0.5)
-
-        def rate_limited() -> int:
-            return int(emulator.stats()["faults_rate_limit"]) - base
-
-        # Kill just after the first 429 of a call: the SDK is sleeping before its retry.
-        await eventually(lambda: _true(rate_limited() % 3 == 1), timeout=15)
-        at_kill = rate_limited()
+        await eventually(creating, timeout=15, interval=0.01)
         aof_server.kill()
-        # The call ends (its third 429) while Redis is down, so the job's bookkeeping write fails; unless
-        # the daemon cancels the jobs of its dead worker first (arq then logs that it will run it again).
-        await eventually(
-            lambda: _true(rate_limited() >= at_kill + 2 or _count(caplog, "will be run again") > 0),
-            timeout=10,
-        )
-        # ...and Redis stays down a while longer (until the supervisor's next retry fails: >= 0.2 s), so
-        # that write has certainly been tried against the dead server.
+        # The create returns (the API made the batch) while Redis is down...
+        await eventually(lambda: _true(emulator.stats()["batches_created"] == 1), timeout=10)
+        # ...and Redis stays down until the supervisor's next retry has failed, so the job's writes have
+        # certainly been tried against the dead server.
         seen = _count(caplog, "Redis unreachable")
         await eventually(lambda: _true(_count(caplog, "Redis unreachable") > seen), timeout=15)
-        emulator.configure(rate_limit_rate=0.0)
+        emulator.configure(create_delay_seconds=0.0)
         aof_server.start()
 
         started = time.monotonic()
         result = await _collect(client, rid, time.monotonic() + 15)
         assert result.type == "succeeded"
         assert time.monotonic() - started < 15
+    stats = emulator.stats()
+    assert (stats["batches_created"], stats["duplicate_custom_ids"]) == (1, 0), "paid twice"

@@ -45,8 +45,8 @@ def settings_for(ha: RedisHA, emulator: Any, **overrides: Any) -> Settings:
         "anthropic_base_url": emulator.base_url,
         # Only the batch age and the poll interval are shortened (to make it fast); the rest are defaults.
         "max_batch_age_seconds": 0.5,
-        "poll_min_seconds": 0.1,
-        "poll_max_seconds": 0.5,
+        "poll_interval_seconds": 0.1,
+        "api_tier": 4,  # the emulator here enforces no rate limit
         "metrics_port": 0,
     }
     values.update(overrides)

@@ -58,8 +58,8 @@ def service_env(redis_url: str, base_url: str, metrics_port: int, **extra: str) 
         BATCHD_ANTHROPIC_API_KEY=API_KEY,
         BATCHD_METRICS_PORT=str(metrics_port),
         BATCHD_MAX_BATCH_AGE_SECONDS="0.3",
-        BATCHD_POLL_MIN_SECONDS="0.1",
-        BATCHD_POLL_MAX_SECONDS="0.5",
+        BATCHD_POLL_INTERVAL_SECONDS="0.1",
+        BATCHD_API_TIER="4",  # the emulator here enforces no rate limit
         BATCHD_LOG_FORMAT="json",
         BATCHD_SHUTDOWN_GRACE_SECONDS="5",
     )
@@ -351,7 +351,7 @@ async def test_systemd_notify_ready_watchdog_and_stopping(
     assert received.index("STOPPING=1") > max(i for i, m in enumerate(received) if m == "WATCHDOG=1")
 
 
-async def test_sigterm_with_a_poll_job_deferred_exits_0_and_keeps_the_batch_for_the_next_start(
+async def test_sigterm_with_a_batch_open_exits_0_and_keeps_the_batch_for_the_next_start(
     tmp_path: Path, redis_url: str, emulator: Any, store: Store
 ) -> None:
     emulator.configure(processing_seconds=60.0)
@@ -369,9 +369,10 @@ async def test_sigterm_with_a_poll_job_deferred_exits_0_and_keeps_the_batch_for_
         code, seconds = await daemon.terminate()
         assert code == 0, daemon.stderr()
         assert seconds < 5.0, f"took {seconds:.1f}s to stop, grace period is 5s"
-        # Nothing is lost: the batch is still open, its poll job still queued, the caller unanswered.
+        # Nothing is lost: the batch is still open (the next poller's to follow), the caller unanswered,
+        # and the poller lease is given up so another replica polls at once, not when it lapses.
         assert await store.open_batch_ids() == [batch_id]
-        assert await store.redis.zscore(K.arq_queue, f"poll:{batch_id}") is not None
+        assert await store.redis.get(K.poller_lease) is None
         assert await client.peek(rid) is None
     assert emulator.stats()["batches_created"] == 1
     assert daemon.events("batch.created") and not daemon.events("batch.ended")
@@ -387,17 +388,21 @@ async def test_sigterm_while_a_job_is_running_exits_0_within_the_grace_period(
         ) as daemon,
         AsyncClient(settings=load_settings(redis_url=redis_url)) as client,
     ):
-        emulator.configure(processing_seconds=30.0)
+        # The emulator holds every create for 20 s: the submit job is running, and stays running, at SIGTERM.
+        emulator.configure(create_delay_seconds=20.0)
         await client.submit(params("held up"))
-        await until(lambda: emulator.stats()["batches_created"] == 1, "the batch is created")
-        # From now on every API call is answered 429 with retry-after 20 s, and the SDK sleeps that long
-        # inside the call: the poll job that just started is running, and stays running, at SIGTERM.
-        emulator.configure(rate_limit_rate=1.0, retry_after_seconds=20.0)
-        await until(lambda: emulator.stats()["faults_rate_limit"] >= 1, "a poll job is held up by a 429")
+
+        async def creating() -> bool:
+            return await store.inflight_create() is not None
+
+        await until(creating, "the submit job is inside its create call")
+        fid = await store.inflight_create()
         code, seconds = await daemon.terminate()
-        [batch_id] = await store.open_batch_ids()
-        # The interrupted poll job is queued again, so the next start (or another replica) resumes it.
-        assert await store.redis.zscore(K.arq_queue, f"poll:{batch_id}") is not None
+        # The interrupted submit job is queued again, so the next start (or another replica) resumes it,
+        # and the create attempt is marked ended: the next one first looks for the batch it may have made.
+        assert await store.redis.zscore(K.arq_queue, f"submit:{fid}") is not None
+        flush = await store.flush(str(fid))
+        assert flush is not None and flush.attempt_ended_ms is not None
     assert code == 0, daemon.stderr()
     assert any("still running" in r["msg"] for r in daemon.log_records()), daemon.stderr()
     # Grace, then cancel: well inside what a service manager allows past the grace period.

@@ -601,3 +601,20 @@ async def test_release_lock_only_by_its_holder(store: Store) -> None:
     assert not await store.release_lock(lock, "f2")
     assert await store.release_lock(lock, "f1")
     assert await store.take_lock(lock, "f2", ms=60_000)
+
+
+# --- rate_slot -------------------------------------------------------------------------------------------
+async def test_rate_slot_admits_the_limit_per_window_then_says_when_the_oldest_frees(store: Store) -> None:
+    take = store.scripts.rate_slot
+    assert [await take(now_ms=NOW + i, limit=3, window_ms=60_000, token=f"t{i}") for i in range(3)] == [
+        0,
+        0,
+        0,
+    ]
+    # Full: the fourth waits until the first slot (taken at NOW) leaves the window.
+    assert await take(now_ms=NOW + 10_000, limit=3, window_ms=60_000, token="t3") == 50_000
+    # A refused call takes no slot: still 3 in the window, and the first frees at NOW + 60 s.
+    assert await take(now_ms=NOW + 60_000, limit=3, window_ms=60_000, token="t4") == 0
+    assert await take(now_ms=NOW + 60_001, limit=3, window_ms=60_000, token="t5") == 0
+    assert await take(now_ms=NOW + 60_002, limit=3, window_ms=60_000, token="t6") == 0
+    assert await take(now_ms=NOW + 60_003, limit=3, window_ms=60_000, token="t7") == 59_997

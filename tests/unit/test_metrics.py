@@ -31,6 +31,8 @@ QUEUE_FAMILIES = (
     "batchd_intake_pending_bytes",
     "batchd_intake_oldest_age_seconds",
     "batchd_open_batches",
+    "batchd_api_queue_requests",
+    "batchd_held_by_queue_cap",
     "batchd_replicas",
 )
 
@@ -170,6 +172,8 @@ def snapshot(
         read_not_flushed=0,
         flushes_waiting=0,
         open_batches=open_batches,
+        open_requests=open_batches * 100,
+        held_by_queue_cap=True,
         replicas={f"r{i}": 0 for i in range(alive)},
         alive_replicas=alive,
     )
@@ -186,6 +190,8 @@ def test_queue_gauges_only_when_set() -> None:
     assert value("batchd_intake_pending_bytes") == 4096
     assert value("batchd_intake_oldest_age_seconds") == 2.5
     assert value("batchd_open_batches") == 3
+    assert value("batchd_api_queue_requests") == 300
+    assert value("batchd_held_by_queue_cap") == 1
     assert value("batchd_replicas") == 2
     assert "# TYPE batchd_replicas gauge" in exposition()
     queue_gauges.clear()

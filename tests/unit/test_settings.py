@@ -26,8 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "max_batch_requests": 10_000,
     "max_batch_bytes": 250_000_000,
     "max_batch_age_seconds": 30.0,
-    "poll_min_seconds": 2.0,
-    "poll_max_seconds": 60.0,
+    "poll_interval_seconds": 5.0,
     "result_ttl_seconds": 7 * 86_400,
     "max_attempts": 3,
     "max_queued_requests": 1_000_000,
@@ -41,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "create_timeout_seconds": 300.0,
     "job_timeout_seconds": 600.0,
     "allow_evicting_redis": False,
+    "api_tier": 1,
+    "api_rpm": None,
+    "api_queue_limit": None,
     "http_host": "127.0.0.1",
     "http_port": None,
     "http_tokens": None,
@@ -60,8 +62,7 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
     "max_batch_requests": ("100000", 100_000),
     "max_batch_bytes": ("268435456", 268_435_456),
     "max_batch_age_seconds": ("2.5", 2.5),
-    "poll_min_seconds": ("0.5", 0.5),
-    "poll_max_seconds": ("120", 120.0),
+    "poll_interval_seconds": ("0.5", 0.5),
     "result_ttl_seconds": ("3600", 3600),
     "max_attempts": ("5", 5),
     "max_queued_requests": ("42", 42),
@@ -75,6 +76,9 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
     "create_timeout_seconds": ("120", 120.0),
     "job_timeout_seconds": ("400", 400.0),
     "allow_evicting_redis": ("true", True),
+    "api_tier": ("3", 3),
+    "api_rpm": ("900", 900),
+    "api_queue_limit": ("5000", 5000),
     "http_host": ("0.0.0.0", "0.0.0.0"),
     "http_port": ("8080", 8080),
     "http_tokens": ("tok-a,tok-b", "tok-a,tok-b"),
@@ -253,7 +257,10 @@ def test_env_beats_credentials_directory_which_beats_toml(
         ("BATCHD_LOG_FORMAT", "xml"),
         ("BATCHD_LOG_LEVEL", "TRACE"),
         ("BATCHD_KEY_PREFIX", "has space"),
-        ("BATCHD_POLL_MIN_SECONDS", "-1"),
+        ("BATCHD_POLL_INTERVAL_SECONDS", "-1"),
+        ("BATCHD_POLL_INTERVAL_SECONDS", "301"),
+        ("BATCHD_API_TIER", "5"),
+        ("BATCHD_API_RPM", "0"),
         ("BATCHD_JOB_TIMEOUT_SECONDS", "4"),
     ],
 )
@@ -276,8 +283,7 @@ def test_bad_toml_value_names_the_setting(tmp_path: Path) -> None:
     [
         ("BATCHD_JOB_TIMEOUT_SECONDS", "inf", "finite"),
         ("BATCHD_CREATE_TIMEOUT_SECONDS", "nan", "finite"),
-        ("BATCHD_POLL_MIN_SECONDS", "inf", "finite"),
-        ("BATCHD_POLL_MAX_SECONDS", "-inf", ""),
+        ("BATCHD_POLL_INTERVAL_SECONDS", "inf", "finite"),
         ("BATCHD_MAX_BATCH_AGE_SECONDS", "nan", "finite"),
         ("BATCHD_SHUTDOWN_GRACE_SECONDS", "Infinity", ""),
         ("BATCHD_JOB_TIMEOUT_SECONDS", "300", "create_timeout_seconds + 60"),
@@ -301,12 +307,14 @@ def test_an_api_key_with_a_trailing_newline_is_the_key(monkeypatch: pytest.Monke
     assert key is not None and key.get_secret_value() == SECRET
 
 
-def test_poll_max_below_min_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BATCHD_POLL_MIN_SECONDS", "10")
-    monkeypatch.setenv("BATCHD_POLL_MAX_SECONDS", "5")
-    with pytest.raises(ConfigError) as info:
-        load_settings()
-    assert "poll_max_seconds" in str(info.value).lower()
+def test_api_limits_follow_the_tier_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 90 % of the tier's requests per minute: the API's window and batchd's do not start together.
+    assert (load_settings().effective_api_rpm, load_settings().effective_api_queue_limit) == (45, 100_000)
+    monkeypatch.setenv("BATCHD_API_TIER", "4")
+    assert (load_settings().effective_api_rpm, load_settings().effective_api_queue_limit) == (3600, 500_000)
+    monkeypatch.setenv("BATCHD_API_RPM", "100")
+    monkeypatch.setenv("BATCHD_API_QUEUE_LIMIT", "700")
+    assert (load_settings().effective_api_rpm, load_settings().effective_api_queue_limit) == (100, 700)
 
 
 def test_config_error_does_not_chain_the_pydantic_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,6 +60,8 @@ class Daemon:
         self.health = Health()
         self.stop_event = asyncio.Event()
         self.metrics_port: int | None = None
+        self.front_url: str | None = None  # when this replica also serves the front (BATCHD_HTTP_PORT)
+        self._front = contextlib.AsyncExitStack()
         self._ready = asyncio.Event()
         self._serving = asyncio.Event()
         register_secret(settings.anthropic_api_key.get_secret_value())
@@ -109,6 +111,11 @@ class Daemon:
             await self._when_reachable(self._check_policy)
             await self._when_reachable(self._claim_name)
             await self._when_reachable(lambda: self._take_back_leftovers(arq_pool))
+            if s.http_port is not None:
+                # The front in this process too (`batchd front` runs it alone); a bad token file stops start.
+                from .front import front_from_settings
+
+                self.front_url = (await self._front.enter_async_context(front_from_settings(s))).url
         except BaseException:
             await server.close()
             await arq_pool.aclose(close_connection_pool=True)
@@ -164,12 +171,17 @@ class Daemon:
         self._ready.set()
         systemd.ready()
         systemd.status(f"replica {self.consumer}: running")
-        log_event(log, "daemon.ready", consumer=self.consumer, metrics_port=server.port)
+        log_event(
+            log, "daemon.ready", consumer=self.consumer, metrics_port=server.port, front=self.front_url or ""
+        )
         try:
             await self.stop_event.wait()
         finally:
             systemd.stopping()
             log_event(log, "daemon.stopping", grace_seconds=s.shutdown_grace_seconds)
+            # No new callers; the held ones are cut and, with their request ids, collect later.
+            with contextlib.suppress(Exception):
+                await self._front.aclose()
             await self._shutdown(tasks, worker_box[0] if worker_box else None)
             with contextlib.suppress(Exception):
                 # Gone from the heartbeat set: the other replicas claim this one's queued entries at once.

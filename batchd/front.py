@@ -29,7 +29,7 @@ import math
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,7 @@ __all__ = [
     "FrontConfig",
     "Upstream",
     "check_exposure",
+    "front_from_settings",
     "load_tokens",
     "run_front",
     "serve_front",
@@ -449,8 +450,12 @@ async def serve_front(
     return await serve_app(front.app(), host, port)
 
 
-async def run_front(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
-    """``batchd front``: serve over batchd's queue until SIGTERM or SIGINT."""
+@contextlib.asynccontextmanager
+async def front_from_settings(
+    settings: Settings, *, host: str | None = None, port: int | None = None
+) -> AsyncIterator[Site]:
+    """The front over batchd's queue, configured by ``settings`` (BATCHD_HTTP_*), with its own client:
+    what ``batchd front`` runs, and ``batchd run`` too when BATCHD_HTTP_PORT is set."""
     from .backend import ClientBackend
     from .client import AsyncClient
 
@@ -462,14 +467,26 @@ async def run_front(settings: Settings, *, host: str | None = None, port: int | 
     check_exposure(host, tokens)
     config = FrontConfig(tokens=tokens, ping_seconds=settings.http_ping_seconds)
     upstream = Upstream(settings.anthropic_api_key, settings.anthropic_base_url)
-    async with AsyncClient(settings=settings) as client:
-        await client.ping()
-        site = await serve_front(ClientBackend(client), config, host, port, upstream=upstream)
-        log.info(
-            "batchd front listening on %s (%s)",
-            site.url,
-            f"{len(tokens)} token(s)" if tokens else "no auth: loopback only",
-        )
+    try:
+        async with AsyncClient(settings=settings) as client:
+            await client.ping()
+            site = await serve_front(ClientBackend(client), config, host, port, upstream=upstream)
+            log.info(
+                "batchd front listening on %s (%s)",
+                site.url,
+                f"{len(tokens)} token(s)" if tokens else "no auth: loopback only",
+            )
+            try:
+                yield site
+            finally:
+                await site.close()
+    finally:
+        await upstream.aclose()
+
+
+async def run_front(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
+    """``batchd front``: serve over batchd's queue until SIGTERM or SIGINT."""
+    async with front_from_settings(settings, host=host, port=port):
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -479,6 +496,4 @@ async def run_front(settings: Settings, *, host: str | None = None, port: int | 
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            await site.close()
-            await upstream.aclose()
     return 0

@@ -126,7 +126,7 @@ class Settings(BaseSettings):
 
     # The HTTP front (`batchd front`, docs/front.md): an Anthropic-compatible base URL for any client.
     http_host: str = "127.0.0.1"
-    # Unset: `batchd front` listens on 8787.
+    # Unset: `batchd front` listens on 8787 and `batchd run` serves no front; set: `batchd run` serves it too.
     http_port: int | None = Field(default=None, ge=0, le=65_535)
     # Callers' tokens, comma-separated (x-api-key or Authorization: Bearer). Secrets: never logged.
     http_tokens: SecretStr | None = None

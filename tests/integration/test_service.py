@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
@@ -452,3 +453,22 @@ async def test_stop_finishes_even_when_a_loop_ignores_its_first_cancellation(
     assert swallowed.is_set()
     assert done, "the daemon did not stop: a loop that lost its cancellation was waited for without end"
     assert task.result() == 0
+
+
+async def test_batchd_run_also_serves_the_front_when_http_port_is_set(
+    tmp_path: Path, redis_url: str, emulator: Any
+) -> None:
+    """One process for small deployments: `batchd run` with BATCHD_HTTP_PORT serves the front beside its
+    replica (loopback, no tokens: any key is accepted), and stops it with the replica."""
+    port = free_port()
+    async with daemon_process(tmp_path, redis_url, emulator.base_url, BATCHD_HTTP_PORT=str(port)) as daemon:
+        await until(lambda: bool(daemon.events("daemon.ready")), "the replica is ready")
+        [ready] = daemon.events("daemon.ready")
+        assert ready["front"] == f"http://127.0.0.1:{port}"
+        async with anthropic.AsyncAnthropic(api_key="any", base_url=ready["front"]) as api:
+            message = await api.messages.create(**params("through the replica's own front"))
+        assert message.content[0].text == "echo: through the replica's own front"  # type: ignore[union-attr]
+        code, _ = await daemon.terminate()
+    assert code == 0, daemon.stderr()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

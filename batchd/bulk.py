@@ -10,8 +10,11 @@ a 100,000-line file is collected in bounded memory.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import sys
 import time
+from array import array
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -51,20 +54,45 @@ def read_requests(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
             yield lineno, custom_id, obj["params"]
 
 
-def check_file(path: Path, client: AsyncClient) -> dict[str, int]:
-    """Check every line before anything is written; returns custom_id -> line number."""
+def check_file(path: Path, client: AsyncClient) -> int:
+    """Check every line before anything is written; returns the number of requests.
+
+    Repeated ids are found from an 8-byte digest per line in one flat array, not a Python object per line:
+    long-lived small objects made while parsing a large file would pin the allocator's arenas, and the
+    command's memory would grow with the file. A digest repeat is confirmed by reading the file again."""
     cfg = client.settings
-    lines: dict[str, int] = {}
+    digests = array("Q")
     for lineno, cid, params in read_requests(path):
         try:
             validate_request_id(cid)
             encode_params(params, max_batch_bytes=cfg.max_batch_bytes, max_attempts=cfg.max_attempts)
         except InvalidRequest as exc:
             raise InvalidRequest(f"{path}:{lineno}: {exc}") from None
-        first = lines.setdefault(cid, lineno)
-        if first != lineno:
-            raise InvalidRequest(f"{path}:{lineno}: custom_id {cid!r} repeats line {first}")
-    return lines
+        digests.append(_digest(cid))
+    ordered = sorted(digests)
+    repeated = {a for a, b in itertools.pairwise(ordered) if a == b}
+    del ordered
+    if repeated:
+        _raise_on_repeat(path, repeated)
+    return len(digests)
+
+
+def _digest(custom_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little")
+
+
+def _raise_on_repeat(path: Path, digests: set[int]) -> None:
+    """The first line whose custom_id repeats an earlier line's (only ids with a repeated digest are kept)."""
+    first: dict[str, int] = {}
+    for lineno, cid, _ in read_requests(path):
+        if _digest(cid) in digests:
+            seen = first.setdefault(cid, lineno)
+            if seen != lineno:
+                raise InvalidRequest(f"{path}:{lineno}: custom_id {cid!r} repeats line {seen}")
+
+
+def _line_of(path: Path, custom_id: str) -> int:
+    return next((lineno for lineno, cid, _ in read_requests(path) if cid == custom_id), 0)
 
 
 async def submit_file(
@@ -77,19 +105,19 @@ async def submit_file(
     progress: IO[str] = sys.stderr,
 ) -> int:
     """Queue every line; with ``wait``, write each result line (custom_id as given) as it arrives."""
-    lines = check_file(path, client)
+    total = check_file(path, client)
     queued = 0
     for chunk in _chunks(read_requests(path)):
         try:
             await client.submit_many([params for _, _, params in chunk], [cid for _, cid, _ in chunk])
         except RequestConflict as exc:
             queued += len(exc.accepted)
+            lineno = _line_of(path, exc.request_id)
             raise InvalidRequest(
-                f"{path}:{lines[exc.request_id]}: custom_id {exc.request_id!r} was submitted before with "
-                f"other params: use another id for new params ({queued} lines before it were queued)"
+                f"{path}:{lineno}: custom_id {exc.request_id!r} was submitted before with other params: "
+                f"use another id for new params ({queued} lines before it were queued)"
             ) from None
         queued += len(chunk)
-    total = len(lines)
     if not wait:
         print(
             f"queued {total} requests from {path}; run again with --wait to collect the results",

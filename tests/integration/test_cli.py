@@ -226,6 +226,63 @@ async def test_submit_wait_writes_results_and_running_the_file_again_is_idempote
     assert emulator.stats()["requests_received"] == received
 
 
+# Runs `batchd submit` in a process that reports its own peak RSS (KiB) on its last stderr line. VmHWM,
+# not getrusage's ru_maxrss: that one survives exec, so it would report the (large) test process's size.
+_MEASURED = (
+    "import atexit, re, sys\n"
+    "def peak():\n"
+    "    status = open('/proc/self/status').read()\n"
+    "    print('peak-rss-kib', re.search(r'VmHWM:\\s+(\\d+)', status).group(1), file=sys.stderr)\n"
+    "atexit.register(peak)\n"
+    "from batchd.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.timeout(400)
+async def test_submit_wait_collects_a_100000_line_file_in_bounded_memory(
+    tmp_path: Path, make_settings: Callable[..., Settings], emulator: Any
+) -> None:
+    """The file is streamed (read twice, never held) and --wait awaits a window of answers at a time, so a
+    100,000-line file costs the command about what a 10,000-line one does, not ten times as much."""
+    settings = make_settings(emulator=True, max_batch_age_seconds=0.3)
+    env = clean_env(BATCHD_REDIS_URL=settings.redis_url)
+    peaks: dict[int, int] = {}
+    async with running_daemon(settings):
+        for n in (10_000, 100_000):
+            source = write_jsonl(
+                tmp_path / f"in-{n}.jsonl", [request_line(f"r{n}-{i}", f"question {i}") for i in range(n)]
+            )
+            out = tmp_path / f"out-{n}.jsonl"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                _MEASURED,
+                "submit",
+                str(source),
+                "--wait",
+                "--out",
+                str(out),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await asyncio.wait_for(proc.communicate(), 360)
+            assert proc.returncode == 0, err.decode()[-2000:]
+            with out.open("rb") as fh:
+                assert sum(1 for _ in fh) == n
+            last = err.decode().strip().splitlines()[-1].split()
+            assert last[0] == "peak-rss-kib", last
+            peaks[n] = int(last[1])
+    ratio = peaks[100_000] / peaks[10_000]
+    print(
+        f"\nbatchd submit --wait peak RSS: {peaks[10_000] // 1024} MiB for 10,000 lines, "
+        f"{peaks[100_000] // 1024} MiB for 100,000 ({ratio:.2f}x)"
+    )
+    assert ratio < 1.3, peaks
+
+
 async def test_submit_a_line_that_is_not_a_request_exits_2_naming_the_line(
     tmp_path: Path, redis_url: str
 ) -> None:

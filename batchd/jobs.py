@@ -60,6 +60,16 @@ class _NamespacedPipeline(Pipeline):
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         return super().execute_command(*_namespaced(self.namespace, args), **kwargs)
 
+    async def reset(self) -> None:
+        try:
+            await super().reset()  # type: ignore[no-untyped-call]
+        finally:
+            # Cancelled mid-UNWATCH (a worker stopping inside one of arq's WATCH transactions): the connection
+            # may still be WATCHing, so it must not go back to the pool. It stays counted as in use until the
+            # pool closes (which disconnects it); dropping our reference keeps the pipeline from being
+            # collected while it holds a connection (an "Unclosed client session" warning).
+            self.connection = None
+
 
 class _NamespacedArqRedis(ArqRedis):
     """ArqRedis with arq's ``arq:`` keys moved under one deployment's namespace (plain commands and

@@ -260,7 +260,11 @@ async def test_batchd_run_serves_answers_metrics_status_and_stops_cleanly_on_sig
 
         status, ready_body = await daemon.get("/readyz")
         assert status == 200, ready_body
-        assert json.loads(ready_body)["checks"] == {"anthropic": {"ok": True}, "redis": {"ok": True}}
+        assert json.loads(ready_body)["checks"] == {
+            "anthropic": {"ok": True},
+            "redis": {"ok": True},
+            "redis_policy": {"ok": True},
+        }
 
         proc = await asyncio.create_subprocess_exec(
             *batchd_command("status", "--json"),

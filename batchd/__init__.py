@@ -8,6 +8,7 @@ import typing
 
 from .errors import (
     BatchdError,
+    BudgetExceeded,
     ClientClosed,
     ConfigError,
     InvalidParams,
@@ -38,6 +39,7 @@ __all__ = [
     "AsyncAnthropic",
     "AsyncClient",
     "BatchdError",
+    "BudgetExceeded",
     "Client",
     "ClientClosed",
     "ConfigError",

@@ -34,6 +34,9 @@ _REDIS_TIMER_SLACK_MS = 100
 _CONSUMER_IDLE_MS = 3000
 # While flushes are held by the API's queue cap, how often the accumulator looks whether it may go on.
 _HELD_PAUSE_S = 1.0
+# How often held prefixes are checked for warmth (each step checks at once when a new prefix appears).
+_PRIME_CHECK_S = 0.25
+_WARM, _PRIMING = "w", "p"
 
 
 @dataclass(slots=True)
@@ -59,40 +62,106 @@ class Entry:
 
 @dataclass
 class _Buffer:
-    """The entries of one group (requests that may share a batch: the same BatchHeaders), oldest first."""
+    """The entries of one group (requests that may share a batch: the same BatchHeaders).
 
-    entries: deque[Entry] = field(default_factory=deque)
-    body_bytes: int = EMPTY_BODY_SIZE
+    Within it, entries are kept per prompt-cache prefix (one run per prefix id; "" for requests without a
+    breakpoint, and for every request when grouping is off), each run oldest first. A flush takes whole runs
+    in the order of their oldest entry, so requests sharing a prefix land in one batch, next to each other,
+    and the oldest entry still goes first. Runs held for priming are left out of every trigger.
+    """
 
-    def size_with(self, entry: Entry) -> int:
-        return self.body_bytes + entry.size + (1 if self.entries else 0)
+    groups: dict[str, deque[Entry]] = field(default_factory=dict)
+    held: dict[str, float] = field(default_factory=dict)  # prefix -> monotonic time held since
+    released: set[str] = field(default_factory=set)  # prefixes whose wait for a primer ran out
+    active_n: int = 0  # entries not held
+    active_size: int = 0  # their sizes (without separators)
 
-    def add(self, entry: Entry) -> None:
-        self.body_bytes = self.size_with(entry)
-        self.entries.append(entry)
+    @property
+    def body_bytes(self) -> int:
+        return EMPTY_BODY_SIZE + self.active_size + max(self.active_n - 1, 0)
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.groups.values())
+
+    def add(self, key: str, entry: Entry) -> None:
+        self.groups.setdefault(key, deque()).append(entry)
+        if key not in self.held:
+            self.active_n += 1
+            self.active_size += entry.size
+
+    def hold(self, key: str, since: float) -> None:
+        if key in self.held or key not in self.groups:
+            return
+        self.held[key] = since
+        entries = self.groups[key]
+        self.active_n -= len(entries)
+        self.active_size -= sum(e.size for e in entries)
+
+    def unhold(self, key: str) -> None:
+        if self.held.pop(key, None) is None:
+            return
+        entries = self.groups.get(key, ())
+        self.active_n += len(entries)
+        self.active_size += sum(e.size for e in entries)
+
+    def pop_oldest(self, key: str) -> Entry:
+        """Take the oldest entry of one run (a primer); the run must not be held."""
+        entries = self.groups[key]
+        entry = entries.popleft()
+        if key not in self.held:
+            self.active_n -= 1
+            self.active_size -= entry.size
+        if not entries:
+            self._drop(key)
+        return entry
+
+    def _drop(self, key: str) -> None:
+        del self.groups[key]
+        self.held.pop(key, None)
+        self.released.discard(key)
+
+    def _order(self) -> list[str]:
+        """The runs not held, by their oldest entry."""
+        return sorted((k for k in self.groups if k not in self.held), key=lambda k: self.groups[k][0].ms)
+
+    def oldest_ms(self) -> int | None:
+        """When the oldest entry not held was queued."""
+        heads = [entries[0].ms for k, entries in self.groups.items() if k not in self.held]
+        return min(heads) if heads else None
 
     def take(self, count: int) -> list[Entry]:
-        taken = [self.entries.popleft() for _ in range(min(count, len(self.entries)))]
-        self.body_bytes = EMPTY_BODY_SIZE + sum(e.size for e in self.entries) + max(len(self.entries) - 1, 0)
+        taken: list[Entry] = []
+        for key in self._order():
+            entries = self.groups[key]
+            while entries and len(taken) < count:
+                taken.append(entries.popleft())
+            if not entries:
+                self._drop(key)
+            if len(taken) >= count:
+                break
+        self.active_n -= len(taken)
+        self.active_size -= sum(e.size for e in taken)
         return taken
 
     def due(self, max_requests: int, max_bytes: int, max_age_ms: int) -> tuple[int, Trigger] | None:
         """How many entries to flush now, and why; None if no threshold is reached."""
-        entries = self.entries
-        if not entries:
+        if not self.active_n:
             return None
-        if len(entries) >= max_requests or self.body_bytes > max_bytes:
-            # Walk from the oldest: the first prefix that reaches the count or would pass the byte limit.
-            size = EMPTY_BODY_SIZE
-            for i, entry in enumerate(entries):
-                added = entry.size + (1 if i else 0)
-                if size + added > max_bytes:
-                    return (max(i, 1), Trigger.BYTES)
-                size += added
-                if i + 1 >= max_requests:
-                    return (i + 1, Trigger.COUNT)
-        if now_ms() >= entries[0].ms + max_age_ms:
-            return (len(entries), Trigger.AGE)
+        if self.active_n >= max_requests or self.body_bytes > max_bytes:
+            # Walk the flush order: the first prefix that reaches the count or would pass the byte limit.
+            size, i = EMPTY_BODY_SIZE, 0
+            for key in self._order():
+                for entry in self.groups[key]:
+                    added = entry.size + (1 if i else 0)
+                    if size + added > max_bytes:
+                        return (max(i, 1), Trigger.BYTES)
+                    size += added
+                    i += 1
+                    if i >= max_requests:
+                        return (i, Trigger.COUNT)
+        oldest = self.oldest_ms()
+        if oldest is not None and now_ms() >= oldest + max_age_ms:
+            return (self.active_n, Trigger.AGE)
         return None
 
 
@@ -110,6 +179,10 @@ class Accumulator:
         beat: Callable[[], None] = lambda: None,
         dead_after_s: float = 10.0,
         held: Callable[[], Awaitable[bool]] | None = None,
+        grouping: bool = True,
+        priming: bool = False,
+        prime_min_requests: int = 4,
+        prime_wait_s: float = 900.0,
     ) -> None:
         self.store = store
         self.consumer = consumer
@@ -121,6 +194,13 @@ class Accumulator:
         self.beat = beat
         self.dead_after_ms = int(dead_after_s * 1000)
         self.held = held
+        # Prompt-cache-aware batching (docs/spend.md): runs per prefix, and priming new prefixes.
+        self.grouping = grouping or priming
+        self.priming = priming
+        self.prime_min_requests = prime_min_requests
+        self.prime_wait_s = prime_wait_s
+        self._prime_checked = 0.0
+        self._prime_seen: set[str] = set()
         # One buffer per group: requests with different batch headers (betas, version) never share a batch.
         self._buffers: dict[str, _Buffer] = {}
         self._held: set[str] = set()  # entry ids buffered: a re-read or claimed entry is not added twice
@@ -150,7 +230,7 @@ class Accumulator:
             self._last_claim = time.monotonic()
             await self.claim_from_dead()
         block_ms: int | None = int(_MAX_BLOCK_S * 1000)
-        oldest = min((b.entries[0].ms for b in self._buffers.values() if b.entries), default=None)
+        oldest = min((ms for b in self._buffers.values() if (ms := b.oldest_ms()) is not None), default=None)
         if oldest is not None:
             remaining = oldest + self.max_age_ms - now_ms()
             if remaining <= _REDIS_TIMER_SLACK_MS:
@@ -214,7 +294,8 @@ class Accumulator:
             entry = Entry.of(intake)
             self._held.add(intake.entry_id)
             first_attempts += entry.first_attempt
-            self._buffers.setdefault(intake.group, _Buffer()).add(entry)
+            key = intake.prefix if self.grouping else ""
+            self._buffers.setdefault(intake.group, _Buffer()).add(key, entry)
         return first_attempts
 
     def due(self) -> tuple[str, int, Trigger] | None:
@@ -226,13 +307,63 @@ class Accumulator:
         return None
 
     async def _flush_due(self) -> None:
+        if self.priming:
+            await self._prime()
         while (decision := self.due()) is not None:
             group, count, trigger = decision
             buffer = self._buffers[group]
             entries = buffer.take(count)
-            if not buffer.entries:
+            if not buffer.groups:
                 del self._buffers[group]
             await self.flush(entries, trigger, group)
+
+    # --- priming -------------------------------------------------------------------------------------------
+    async def _prime(self) -> None:
+        """Prime new prompt-cache prefixes: when ``prime_min_requests`` of a prefix nobody has cached are
+        waiting, flush one (the oldest) ahead in a small batch and hold the rest until its answer makes the
+        prefix warm (deliver.lua), or until ``prime_wait_s`` has passed. The state is shared in Redis, so a
+        prefix another replica primes is held here too."""
+        candidates = {
+            key
+            for buffer in self._buffers.values()
+            for key, entries in buffer.groups.items()
+            if key
+            and key not in buffer.released
+            and (key in buffer.held or len(entries) >= self.prime_min_requests)
+        }
+        now = time.monotonic()
+        if not candidates or (candidates <= self._prime_seen and now - self._prime_checked < _PRIME_CHECK_S):
+            return
+        self._prime_checked, self._prime_seen = now, candidates
+        states = await self.store.prefix_states(sorted(candidates))
+        wait_ms = int(self.prime_wait_s * 1000)
+        for group, buffer in list(self._buffers.items()):
+            primers: list[Entry] = []
+            for key in [k for k in buffer.groups if k in candidates]:
+                state = states.get(key)
+                if state == _WARM:
+                    buffer.unhold(key)
+                    continue
+                since = buffer.held.get(key)
+                if since is not None and now - since >= self.prime_wait_s:
+                    buffer.unhold(key)  # waited long enough: sent as they are
+                    buffer.released.add(key)
+                    continue
+                if state is None and len(buffer.groups[key]) >= self.prime_min_requests:
+                    if await self.store.start_priming(key, ms=wait_ms):
+                        buffer.unhold(key)
+                        primers.append(buffer.pop_oldest(key))
+                        since = now if since is None else since
+                    state = _PRIMING
+                if state == _PRIMING and key in buffer.groups:
+                    buffer.hold(key, now if since is None else since)
+                elif state is None:
+                    buffer.unhold(key)  # its primer failed and too few are left to prime again
+            if not buffer.groups:
+                del self._buffers[group]
+            if primers:
+                log_event(log, "cache.priming", prefixes=len(primers))
+                await self.flush(primers, Trigger.PRIME, group)
 
     async def flush(self, entries: list[Entry], trigger: Trigger, group: str = "") -> str | None:
         """Move entries (all of ``group``) into a new flush record, chunk by chunk, then seal it. Returns the

@@ -47,25 +47,20 @@ class ClientBackend:
     """The Backend over batchd's ``AsyncClient`` (the Redis queue).
 
     Betas, the API version and the workspace / user-profile headers travel with the request as its batch's
-    headers. The queue does not carry routes other than ``batch`` or tags yet: a request that asks for one
-    is refused with a 400 naming it rather than sent without it.
+    headers; its tags (``batchd-tags``) go into the cost ledger and the budgets. The queue does not carry
+    routes other than ``batch`` yet: a request that asks for one is refused with a 400 naming it rather
+    than sent without it.
     """
 
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
 
     async def submit(self, request: ApiRequest, request_id: str | None) -> str:
-        unsupported = [
-            name
-            for name, given in (
-                ("batchd-route other than batch", request.route != "batch"),
-                ("batchd-tags", request.tags),
-            )
-            if given
-        ]
-        if unsupported:
+        if request.route != "batch":
             raise ApiError(
-                400, "invalid_request_error", f"{unsupported[0]}: not supported by this batchd queue yet"
+                400,
+                "invalid_request_error",
+                "batchd-route other than batch: not supported by this batchd queue yet",
             )
         extra = dict(request.headers)
         headers = BatchHeaders(
@@ -74,7 +69,7 @@ class ClientBackend:
             workspace_id=extra.get("anthropic-workspace-id"),
             user_profile_id=extra.get("anthropic-user-profile-id"),
         )
-        return await self.client.submit(request.params, request_id, headers=headers)
+        return await self.client.submit(request.params, request_id, headers=headers, tags=dict(request.tags))
 
     async def wait(self, request_id: str, timeout: float | None) -> bytes | None:
         # The raw line, not the client's parsed model: it keeps blocks the installed SDK does not know.

@@ -1,4 +1,4 @@
-"""``batchd``: run | front | demo | emulator | submit | status | cancel.
+"""``batchd``: run | front | demo | emulator | submit | status | costs | cancel.
 
 Exit codes: 0 success, 1 a runtime failure (Redis unreachable, a request failed, ...), 2 bad usage or
 configuration. Errors print as one line; ``--debug`` shows the traceback.
@@ -94,6 +94,21 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="queue, open batches, recent flushes, replicas")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    costs = sub.add_parser(
+        "costs",
+        parents=[common],
+        help="what was spent and saved, from the cost ledger",
+        description="Requests, tokens, cost_usd (what the API billed, at batch prices), savings_usd (against "
+        "standard prices, plus answers reused by dedupe) and the cache hit rate, per UTC day, from the "
+        "ledger in Redis (docs/spend.md).",
+    )
+    costs.add_argument("--json", action="store_true", help="machine-readable output")
+    costs.add_argument(
+        "--since", metavar="T", help="first day: YYYY-MM-DD, an RFC 3339 time, today, yesterday, Nd"
+    )
+    costs.add_argument("--until", metavar="T", help="last day (inclusive), same forms as --since")
+    costs.add_argument("--by", choices=("model", "tag", "day"), help="one row per model, tag or day")
+
     cancel = sub.add_parser("cancel", parents=[common], help="cancel one request by id")
     cancel.add_argument("request_id")
     return parser
@@ -186,6 +201,31 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+async def _costs(args: argparse.Namespace, settings: Settings) -> int:
+    from .client import redis_errors
+    from .ledger import costs_report, format_report, parse_day
+    from .store import Keys, Store, connect
+
+    try:
+        since = None if args.since is None else parse_day(args.since)
+        until = None if args.until is None else parse_day(args.until)
+    except ValueError as exc:
+        raise ConfigError(f"--since/--until: {exc}") from None
+    redis = connect(settings.redis_url, "client")
+    try:
+        async with redis_errors():
+            report = await costs_report(
+                Store(redis, Keys(settings.key_prefix)), since=since, until=until, by=args.by
+            )
+    finally:
+        await redis.aclose(close_connection_pool=True)
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(format_report(report))
+    return EXIT_OK
+
+
 async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     from .client import AsyncClient
 
@@ -211,6 +251,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any
     "demo": _demo,
     "submit": _submit,
     "status": _status,
+    "costs": _costs,
     "cancel": _cancel,
 }
 

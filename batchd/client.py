@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -20,8 +20,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import apispec
+from . import apispec, metrics
 from .errors import (
+    BudgetExceeded,
     ClientClosed,
     InvalidParams,
     QueueFull,
@@ -31,13 +32,17 @@ from .errors import (
     RequestTooLarge,
     ResultTimeout,
 )
+from .ledger import budget_limits, estimate, usd
 from .messages import AsyncBeta, AsyncMessages, result_of
+from .promptcache import cache_prefix, with_ttl_1h
 from .settings import Settings, load_settings, redact_url
 from .store import (
     CLIENT_SOCKET_TIMEOUT,
     BatchHeaders,
+    BudgetRefused,
     CancelOutcome,
     EnqueueConflict,
+    EnqueueOutcome,
     EnqueueRefused,
     Keys,
     NewRequest,
@@ -47,6 +52,7 @@ from .store import (
     now_ms,
 )
 from .store.connection import one_connection, require_replicas
+from .tags import TagSet, parse_tags
 from .validation import encode_params, new_request_id, validate_request_id
 from .waiter import ResultWaiter
 
@@ -79,7 +85,9 @@ class AsyncClient:
         key_prefix: str | None = None,
         socket_timeout: float = CLIENT_SOCKET_TIMEOUT,
         max_connections: int = 8,
+        dedupe: bool | None = None,
     ) -> None:
+        """``dedupe``: this client's default for dedupe (None: the ``dedupe`` setting); see ``submit``."""
         if settings is None:
             settings = load_settings(**({"redis_url": redis_url} if redis_url else {}))
         self.settings = settings
@@ -92,6 +100,8 @@ class AsyncClient:
                 socket_timeout=socket_timeout,
             )
         self._redis: aioredis.Redis = redis
+        self.dedupe = settings.dedupe if dedupe is None else dedupe
+        self._budgets = budget_limits(settings)
         self._store = Store(redis, Keys(key_prefix or settings.key_prefix))
         self._waiter = ResultWaiter(self._store)
         self._closed = False
@@ -131,18 +141,31 @@ class AsyncClient:
         betas: Sequence[str] = (),
         anthropic_version: str | None = None,
         headers: BatchHeaders | None = None,
+        tags: Mapping[str, str] | None = None,
+        dedupe: bool | None = None,
     ) -> str:
         """Queue one request and return its id at once. Submitting an id that exists (with the same params)
         is a no-op; with other params it is a RequestConflict.
 
         ``betas`` and ``anthropic_version`` (or ``headers``, all of a batch's headers at once) travel with
-        the request: it only shares a batch with requests sent with the same ones. When the queue is full,
-        wait up to ``wait`` seconds for room, then raise QueueFull.
+        the request: it only shares a batch with requests sent with the same ones. ``tags`` (at most 8
+        ``{"key": "value"}`` pairs) label it in the cost ledger and put it under those tags' budgets.
+        ``dedupe`` (None: the client's default): an identical request in flight answers this one too, and
+        one answered within ``dedupe_window_seconds`` answers it at once, so it is paid for once. When the
+        queue is full, wait up to ``wait`` seconds for room, then raise QueueFull; a request whose estimate
+        would pass a daily budget raises BudgetExceeded.
         """
         ids = None if request_id is None else [request_id]
         return (
             await self.submit_many(
-                [params], ids, wait=wait, betas=betas, anthropic_version=anthropic_version, headers=headers
+                [params],
+                ids,
+                wait=wait,
+                betas=betas,
+                anthropic_version=anthropic_version,
+                headers=headers,
+                tags=tags,
+                dedupe=dedupe,
             )
         )[0]
 
@@ -155,44 +178,54 @@ class AsyncClient:
         betas: Sequence[str] = (),
         anthropic_version: str | None = None,
         headers: BatchHeaders | None = None,
+        tags: Mapping[str, str] | TagSet | None = None,
+        dedupe: bool | None = None,
     ) -> list[str]:
-        """Queue many requests (all with the same batch headers), pipelined; returns their ids in order.
+        """Queue many requests (all with the same batch headers and tags), pipelined; returns their ids in
+        order.
 
         Every request is checked as the API would check it before anything is written (InvalidParams with
-        the API's message). Chunks of requests are written atomically; if the queue fills part-way,
-        QueueFull is raised and ``exc.accepted`` holds the ids that were queued.
+        the API's message), and its tags too. Chunks of requests are written atomically; if the queue fills
+        part-way, QueueFull is raised and ``exc.accepted`` holds the ids that were queued (BudgetExceeded
+        likewise, when a request's estimate would pass a daily budget).
         """
         self._check_open()
         if headers is None:
             headers = BatchHeaders(betas=tuple(sorted(set(betas))), anthropic_version=anthropic_version)
-        encoded = [self._encode(p, headers) for p in params_list]
+        tag_set = parse_tags(tags)
+        deduped = self.dedupe if dedupe is None else bool(dedupe)
+        prepared = [self._prepare(p, headers) for p in params_list]
         if request_ids is None:
-            rids = [new_request_id() for _ in encoded]
+            rids = [new_request_id() for _ in prepared]
         else:
-            if len(request_ids) != len(encoded):
-                raise InvalidParams(f"{len(request_ids)} request ids for {len(encoded)} requests")
+            if len(request_ids) != len(prepared):
+                raise InvalidParams(f"{len(request_ids)} request ids for {len(prepared)} requests")
             rids = [validate_request_id(rid) for rid in request_ids]
         cfg = self.settings
-        for body in encoded:
-            if len(body) > cfg.max_queued_bytes:
+        for request in prepared:
+            if len(request.body) > cfg.max_queued_bytes:
                 raise RequestTooLarge(
-                    f"request is {len(body)} bytes; the queue holds at most "
+                    f"request is {len(request.body)} bytes; the queue holds at most "
                     f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}"
                 )
-        _refuse_conflicting_duplicates(rids, encoded)
+        _refuse_conflicting_duplicates(rids, [r.body for r in prepared])
+        items = [
+            NewRequest(rid, p.body, headers, tag_set, p.estimate, p.prefix, p.prefix_ttl, deduped)
+            for rid, p in zip(rids, prepared, strict=True)
+        ]
         deadline = time.monotonic() + wait
         accepted: list[str] = []
-        for chunk in _chunks(list(zip(rids, encoded, strict=True))):
+        for chunk in _chunks(items):
             backoff = 0.05
             while chunk:
-                queued = await self._enqueue(chunk, accepted, headers)
+                queued = await self._enqueue(chunk, accepted)
                 if queued is None:
-                    accepted.extend(rid for rid, _ in chunk)
+                    accepted.extend(r.rid for r in chunk)
                     break
                 # Refused whole: queue the part that fits now, wait for room for the rest.
                 fit = _fitting_prefix(chunk, *queued, cfg.max_queued_requests, cfg.max_queued_bytes)
-                if fit and await self._enqueue(chunk[:fit], accepted, headers) is None:
-                    accepted.extend(rid for rid, _ in chunk[:fit])
+                if fit and await self._enqueue(chunk[:fit], accepted) is None:
+                    accepted.extend(r.rid for r in chunk[:fit])
                     chunk = chunk[fit:]
                     continue
                 remaining = deadline - time.monotonic()
@@ -207,8 +240,11 @@ class AsyncClient:
                 backoff = min(backoff * 2, 1.0)
         return rids
 
-    def _encode(self, params: Mapping[str, Any], headers: BatchHeaders) -> bytes:
-        """The params as stored and sent, once they pass the checks the API would make in the batch."""
+    def _prepare(self, params: Mapping[str, Any], headers: BatchHeaders) -> _Prepared:
+        """The request as stored and sent (its breakpoints raised to 1 h with ``cache_ttl_1h``), once it
+        passes the checks the API would make in the batch; with its cache prefix and estimated cost."""
+        if self.settings.cache_ttl_1h and isinstance(params, Mapping):
+            params = with_ttl_1h(params)
         body = encode_params(
             params, max_batch_bytes=self.settings.max_batch_bytes, max_attempts=self.settings.max_attempts
         )
@@ -216,30 +252,51 @@ class AsyncClient:
             apispec.check_params(params, betas=headers.betas, in_batch=True)
         except apispec.ParamError as exc:
             raise InvalidParams(str(exc)) from None
-        return body
+        prefix = cache_prefix(params, body)
+        return _Prepared(
+            body,
+            estimate(params, len(body), prefix),
+            prefix.id if prefix is not None else "",
+            prefix.ttl if prefix is not None else 0,
+        )
 
-    async def _enqueue(
-        self, chunk: list[tuple[str, bytes]], accepted: list[str], headers: BatchHeaders
-    ) -> tuple[int, int] | None:
+    async def _enqueue(self, chunk: list[NewRequest], accepted: list[str]) -> tuple[int, int] | None:
         """Queue the chunk atomically: None if it was written, else the queue's (requests, bytes) that
-        refused it (nothing written). Raises RequestConflict for a known id with other params."""
+        refused it (nothing written). Raises RequestConflict for a known id with other params, and
+        BudgetExceeded (after queueing the requests before the one refused) for an estimate over budget."""
         acks = self.settings.redis_min_replicas_ack
         # With acks, the write and its WAIT must share one connection (see store.require_replicas).
         async with redis_errors(), one_connection(self._redis, pinned=acks > 0) as redis:
             scripts = Scripts(redis, self._store.keys) if acks else self._store.scripts
             reply = await scripts.enqueue(
-                [NewRequest(rid, body, headers) for rid, body in chunk],
+                chunk,
                 now_ms=now_ms(),
                 max_requests=self.settings.max_queued_requests,
                 max_bytes=self.settings.max_queued_bytes,
+                budgets=self._budgets,
+                result_ttl=self.settings.result_ttl_seconds,
             )
             if acks and isinstance(reply, list):  # written: wait for the replicas
                 timeout = self.settings.redis_min_replicas_ack_timeout_seconds
-                await require_replicas(redis, self._store.keys, acks, timeout, [rid for rid, _ in chunk])
+                await require_replicas(redis, self._store.keys, acks, timeout, [r.rid for r in chunk])
         if isinstance(reply, EnqueueRefused):
             return reply.queued_requests, reply.queued_bytes
         if isinstance(reply, EnqueueConflict):
-            raise RequestConflict(chunk[reply.index][0], accepted)
+            raise RequestConflict(chunk[reply.index].rid, accepted)
+        if isinstance(reply, BudgetRefused):
+            if reply.index and await self._enqueue(chunk[: reply.index], accepted) is None:
+                accepted.extend(r.rid for r in chunk[: reply.index])
+            raise BudgetExceeded(
+                reply.scope,
+                day=reply.day,
+                spent_usd=usd(reply.spent),
+                estimate_usd=usd(chunk[reply.index].estimate),
+                limit_usd=usd(reply.limit),
+                accepted=accepted,
+            )
+        reused = sum(1 for outcome in reply if outcome is EnqueueOutcome.REUSED)
+        if reused:
+            metrics.REQUESTS_DEDUPED.labels(how="stored").inc(reused)
         return None
 
     # --- results -------------------------------------------------------------------------------------------
@@ -302,6 +359,13 @@ class AsyncClient:
             await self._redis.ping()
 
 
+class _Prepared(NamedTuple):
+    body: bytes
+    estimate: int
+    prefix: str
+    prefix_ttl: int
+
+
 def _refuse_conflicting_duplicates(rids: Sequence[str], bodies: Sequence[bytes]) -> None:
     """The same id twice in one call is one request, unless the params differ: refused before any write."""
     if len(set(rids)) == len(rids):
@@ -312,29 +376,29 @@ def _refuse_conflicting_duplicates(rids: Sequence[str], bodies: Sequence[bytes])
             raise RequestConflict(rid, [])
 
 
-def _chunks(items: list[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
+def _chunks(items: list[NewRequest]) -> Iterator[list[NewRequest]]:
     """Cut a submit into Lua calls of at most _SUBMIT_CHUNK requests and _SUBMIT_CHUNK_BYTES bytes (one
     huge request still goes alone): Redis buffers a whole call in memory before it runs it."""
-    chunk: list[tuple[str, bytes]] = []
+    chunk: list[NewRequest] = []
     size = 0
     for item in items:
-        if chunk and (len(chunk) >= _SUBMIT_CHUNK or size + len(item[1]) > _SUBMIT_CHUNK_BYTES):
+        if chunk and (len(chunk) >= _SUBMIT_CHUNK or size + len(item.body) > _SUBMIT_CHUNK_BYTES):
             yield chunk
             chunk, size = [], 0
         chunk.append(item)
-        size += len(item[1])
+        size += len(item.body)
     if chunk:
         yield chunk
 
 
 def _fitting_prefix(
-    chunk: list[tuple[str, bytes]], queued_n: int, queued_bytes: int, max_n: int, max_bytes: int
+    chunk: list[NewRequest], queued_n: int, queued_bytes: int, max_n: int, max_bytes: int
 ) -> int:
     """How many requests from the head of ``chunk`` fit under the caps right now."""
     n, nbytes = queued_n, queued_bytes
-    for i, (_, body) in enumerate(chunk):
+    for i, request in enumerate(chunk):
         n += 1
-        nbytes += len(body)
+        nbytes += len(request.body)
         if n > max_n or nbytes > max_bytes:
             return i
     return len(chunk)

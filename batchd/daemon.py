@@ -139,6 +139,10 @@ class Daemon:
             beat=lambda: self.health.beat("accumulator"),
             dead_after_s=DEAD_AFTER_S,
             held=self._held_by_queue_cap,
+            grouping=s.cache_grouping,
+            priming=s.cache_priming,
+            prime_min_requests=s.cache_prime_min_requests,
+            prime_wait_s=s.cache_prime_wait_seconds,
         )
         self.health.register("accumulator", max_silence=30.0)
         self.health.register("poller", max_silence=max(30.0, 3 * self._poll_every()))

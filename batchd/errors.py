@@ -9,6 +9,7 @@ BatchdError
 │   ├── RequestConflict      a request id already known with other params
 │   └── RequestTooLarge      bigger than one batch may hold
 ├── QueueFull                backpressure: the queue cap was reached (and the wait, if any, ran out)
+├── BudgetExceeded           the request's estimated cost would pass a daily budget (global or a tag's)
 ├── RedisUnavailable         Redis could not be reached or refused the write (e.g. out of memory)
 │   └── ReplicationTimeout   written on the primary, not confirmed on enough replicas: resubmit the same ids
 ├── RequestNotFound          no such request id (never submitted, or its result expired)
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "BatchdError",
+    "BudgetExceeded",
     "ClientClosed",
     "ConfigError",
     "InvalidParams",
@@ -94,6 +96,39 @@ class QueueFull(BatchdError):
 
     def __init__(self, message: str, accepted: list[str] | None = None) -> None:
         super().__init__(message)
+        self.accepted = list(accepted or [])
+
+
+class BudgetExceeded(BatchdError):
+    """A request's estimated cost (its size and ``max_tokens`` at its model's batch price) would take a
+    daily budget past its limit. Nothing of the refused request was written.
+
+    ``scope`` is the budget: ``"*"`` (the global one) or a tag's ``key=value``; ``day`` is the UTC day it
+    counts against; ``spent_usd`` what that day has spent or reserved, ``estimate_usd`` the request's
+    estimate and ``limit_usd`` the budget. ``accepted`` lists the ids queued before the refusal
+    (``submit_many``), as QueueFull does.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        *,
+        day: str,
+        spent_usd: float,
+        estimate_usd: float,
+        limit_usd: float,
+        accepted: list[str] | None = None,
+    ) -> None:
+        name = "the global daily budget" if scope == "*" else f"the daily budget of tag {scope}"
+        super().__init__(
+            f"{name} would be exceeded: {day} has spent or reserved ${spent_usd:.6f} of ${limit_usd:.6f}, "
+            f"and this request's estimate is ${estimate_usd:.6f}; nothing was queued"
+        )
+        self.scope = scope
+        self.day = day
+        self.spent_usd = spent_usd
+        self.estimate_usd = estimate_usd
+        self.limit_usd = limit_usd
         self.accepted = list(accepted or [])
 
 

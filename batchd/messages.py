@@ -1,17 +1,18 @@
 """``client.messages`` and ``client.beta.messages`` on batchd's own clients: the SDK's ``create``, answered at
 batch prices.
 
-The keyword arguments are the SDK's, normalised by the SDK itself (its own request preparation dumps the
-pydantic blocks of a previous response passed back in a tool loop, reads files, drops NOT_GIVEN), so
-batchd queues exactly the body the SDK would send. ``betas``, the API version, the workspace and the user
-profile are the batch's headers (``BatchHeaders``), never body fields. Results are read as leniently as the
-SDK's own decoder reads them, so a block type the installed SDK does not know still reaches the caller.
+The keyword arguments are the SDK's (plus batchd's own ``tags`` and ``dedupe``), normalised by the SDK
+itself (its own request preparation dumps the pydantic blocks of a previous response passed back in a tool
+loop, reads files, drops NOT_GIVEN), so batchd queues exactly the body the SDK would send. ``betas``, the
+API version, the workspace and the user profile are the batch's headers (``BatchHeaders``), never body
+fields. Results are read as leniently as the SDK's own decoder reads them, so a block type the installed
+SDK does not know still reaches the caller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -31,6 +32,7 @@ from .errors import (
     ResultTimeout,
 )
 from .store import BatchHeaders
+from .tags import TagSet, parse_tags
 
 if TYPE_CHECKING:
     from .client import AsyncClient
@@ -55,6 +57,8 @@ class PreparedCall:
     params: dict[str, Any]
     headers: BatchHeaders
     timeout: float | None
+    tags: TagSet = field(default_factory=TagSet)
+    dedupe: bool | None = None  # None: the client's default
 
 
 def _given(value: object) -> bool:
@@ -62,10 +66,15 @@ def _given(value: object) -> bool:
 
 
 async def prepare_call(kwargs: Mapping[str, Any], *, default_timeout: float | None) -> PreparedCall:
-    """An SDK ``messages.create`` call's keyword arguments -> batch params, batch headers and the wait.
+    """An SDK ``messages.create`` call's keyword arguments -> batch params, batch headers and the wait, and
+    batchd's own ``tags`` (cost ledger and budgets) and ``dedupe``.
 
-    Raises InvalidParams for what a batch cannot carry (stream, extra query parameters)."""
+    Raises InvalidParams for what a batch cannot carry (stream, extra query parameters) and for bad tags."""
     call = {k: v for k, v in kwargs.items() if _given(v)}
+    tags = parse_tags(call.pop("tags", None))
+    dedupe = call.pop("dedupe", None)
+    if dedupe is not None and not isinstance(dedupe, bool):
+        raise InvalidParams(f"dedupe must be True or False, not {dedupe!r}")
     timeout = call.pop("timeout", default_timeout)
     if timeout is not None and not isinstance(timeout, int | float):
         raise InvalidParams(f"timeout must be a number of seconds (the wait for the answer), not {timeout!r}")
@@ -93,7 +102,7 @@ async def prepare_call(kwargs: Mapping[str, Any], *, default_timeout: float | No
         user_profile_id=header.get("anthropic-user-profile-id")
         or extra_headers.get("anthropic-user-profile-id"),
     )
-    return PreparedCall(params, headers, None if timeout is None else float(timeout))
+    return PreparedCall(params, headers, None if timeout is None else float(timeout), tags, dedupe)
 
 
 def parse_result(request_id: str, line: bytes, *, beta: bool = False) -> Any:
@@ -134,7 +143,7 @@ async def _create(
     client: AsyncClient, kwargs: Mapping[str, Any], *, beta: bool, default_timeout: float | None
 ) -> Any:
     call = await prepare_call(kwargs, default_timeout=default_timeout)
-    rid = await client.submit(call.params, headers=call.headers)
+    rid = await client.submit(call.params, headers=call.headers, tags=call.tags.as_dict(), dedupe=call.dedupe)
     line = await client.result_line(rid, call.timeout)
     if line is None:
         raise ResultTimeout(rid, call.timeout if call.timeout is not None else float("inf"))
@@ -149,9 +158,11 @@ class AsyncMessages:
         self._default_timeout = default_timeout
 
     async def create(self, **kwargs: Any) -> Message:
-        """The SDK's keyword arguments (``timeout`` is how long to wait for the answer). Returns the SDK's
+        """The SDK's keyword arguments (``timeout`` is how long to wait for the answer), and batchd's
+        ``tags={"team": "search"}`` and ``dedupe=True/False`` (see AsyncClient.submit). Returns the SDK's
         Message; raises RequestErrored/RequestCanceled/RequestExpired when the request ends without one,
-        ResultTimeout (with the request id, to collect it later) when ``timeout`` passes first."""
+        ResultTimeout (with the request id, to collect it later) when ``timeout`` passes first, and
+        BudgetExceeded when its estimate would pass a daily budget."""
         message: Message = await _create(
             self._client, kwargs, beta=False, default_timeout=self._default_timeout
         )

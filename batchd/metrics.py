@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from . import pricing
 from .apihealth import api_health
-from .store import QueueSnapshot
+from .store import Charge, QueueSnapshot
 from .version import __version__
 
 __all__ = [
@@ -38,8 +38,10 @@ __all__ = [
     "BATCH_TRIGGERS",
     "BUILD_INFO",
     "COST_USD",
+    "DEDUPE_KINDS",
     "OTHER_MODEL",
     "REGISTRY",
+    "REQUESTS_DEDUPED",
     "REQUESTS_RETRIED",
     "REQUESTS_SUBMITTED",
     "REQUEST_LATENCY",
@@ -55,6 +57,7 @@ __all__ = [
     "count_api_success",
     "model_label",
     "queue_gauges",
+    "record_charge",
     "record_usage",
     "retry_reason",
     "trigger_label",
@@ -65,7 +68,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # The closed sets of label values.
 RETRY_REASONS = ("expired", "api_error", "overloaded_error", "other")
 RESULT_TYPES = ("succeeded", "errored", "canceled", "expired")
-BATCH_TRIGGERS = ("count", "bytes", "age")
+BATCH_TRIGGERS = ("count", "bytes", "age", "prime")
+DEDUPE_KINDS = ("coalesced", "stored")
 API_OPS = ("create", "retrieve", "results", "list", "cancel")
 API_ERROR_KINDS = ("rate_limit", "overloaded", "server", "connection", "not_found", "client", "timeout")
 TOKEN_KINDS = ("input", "output", "cache_write", "cache_read")
@@ -82,6 +86,14 @@ REQUESTS_RETRIED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+REQUESTS_DEDUPED = Counter(
+    "batchd_requests_deduped_total",
+    "Deduped requests answered without being sent: coalesced (an identical request was in flight; counted "
+    "by the replica that delivered it) or stored (an identical request's stored answer, reused at submit; "
+    "counted by the submitting process). The ledger's reused_requests and savings count both.",
+    ["how"],
+    registry=REGISTRY,
+)
 RESULTS = Counter(
     "batchd_results_total",
     "Final answers delivered to callers. type: succeeded|errored|canceled|expired.",
@@ -90,7 +102,8 @@ RESULTS = Counter(
 )
 BATCHES_CREATED = Counter(
     "batchd_batches_created_total",
-    "Message Batches created, by the limit that closed them. trigger: count|bytes|age.",
+    "Message Batches created, by the limit that closed them. trigger: count|bytes|age|prime (a primer of a "
+    "prompt-cache prefix).",
     ["trigger"],
     registry=REGISTRY,
 )
@@ -133,19 +146,20 @@ REQUEST_LATENCY = Histogram(
 )
 COST_USD = Counter(
     "batchd_cost_usd_total",
-    "USD spent at batch prices on delivered messages. model: a price-table base id, or 'other' (uncosted).",
+    "USD billed at batch prices for succeeded results lines (once per custom id, delivered or dropped as "
+    "stale or duplicate). model: a price-table base id, or 'other' (uncosted).",
     ["model"],
     registry=REGISTRY,
 )
 SAVINGS_USD = Counter(
     "batchd_savings_usd_total",
-    "USD saved against standard prices on delivered messages. model: as batchd_cost_usd_total.",
+    "USD saved against standard prices on billed results lines. model: as batchd_cost_usd_total.",
     ["model"],
     registry=REGISTRY,
 )
 TOKENS = Counter(
     "batchd_tokens_total",
-    "Tokens billed on delivered messages. model: a price-table base id or 'other'; "
+    "Tokens billed on results lines (as batchd_cost_usd_total). model: a price-table base id or 'other'; "
     "kind: input|output|cache_write|cache_read.",
     ["model", "kind"],
     registry=REGISTRY,
@@ -189,6 +203,8 @@ for _type in RESULT_TYPES:
     RESULTS.labels(type=_type)
 for _trigger in BATCH_TRIGGERS:
     BATCHES_CREATED.labels(trigger=_trigger)
+for _how in DEDUPE_KINDS:
+    REQUESTS_DEDUPED.labels(how=_how)
 for _model in (*pricing.known_models(), OTHER_MODEL):
     COST_USD.labels(model=_model)
     SAVINGS_USD.labels(model=_model)
@@ -261,23 +277,29 @@ def count_api_success(op: str) -> None:
 
 
 def record_usage(model: str, usage: Mapping[str, Any]) -> float | None:
-    """Count a delivered message's tokens, cost and savings; return its batch cost (None: unpriced)."""
-    label = model_label(model)
-    counts = pricing.token_counts(usage)
+    """Count a billed message's tokens, cost and savings; return its batch cost (None: unpriced)."""
+    from .ledger import charge_of  # the ledger imports the store, which this module's users may not need
+
+    return record_charge(charge_of({"model": model, "usage": usage}))
+
+
+def record_charge(charge: Charge) -> float | None:
+    """Count a billed answer's tokens, cost and savings, as the ledger charged it; its batch cost in USD
+    (None: unpriced)."""
+    label = charge.model if charge.priced else OTHER_MODEL
     for kind, n in (
-        ("input", counts.input),
-        ("output", counts.output),
-        ("cache_write", counts.cache_write),
-        ("cache_read", counts.cache_read),
+        ("input", charge.input),
+        ("output", charge.output),
+        ("cache_write", charge.cache_write_5m + charge.cache_write_1h),
+        ("cache_read", charge.cache_read),
     ):
         if n:
             TOKENS.labels(model=label, kind=kind).inc(n)
-    both = pricing.costs(model, usage)
-    if both is None:
+    if not charge.priced:
         return None
-    batch, standard = both
+    batch = charge.cost / pricing.PICO
     COST_USD.labels(model=label).inc(batch)
-    SAVINGS_USD.labels(model=label).inc(standard - batch)
+    SAVINGS_USD.labels(model=label).inc((charge.standard - charge.cost) / pricing.PICO)
     return batch
 
 

@@ -6,6 +6,7 @@ Precedence, highest first: explicit keyword arguments, environment, the secrets 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic_settings import (
 from .apispec import BATCH_TIERS
 from .errors import ConfigError
 from .store.connection import parse_redis_url
+from .tags import TAG_KEY, TAG_RULES, TAG_VALUE
 
 __all__ = ["API_MAX_BATCH_BYTES", "API_MAX_BATCH_REQUESTS", "Settings", "load_settings"]
 
@@ -135,6 +137,29 @@ class Settings(BaseSettings):
     # A waiting stream sends an SSE ping this often, so proxies keep the idle connection open.
     http_ping_seconds: float = Field(default=15.0, gt=0, le=300)
 
+    # Spend (docs/spend.md). Budgets: USD a UTC day may spend, over every request (None: no global budget)
+    # and per tag ("team=search" -> USD). A request whose estimate would pass one is refused at submit.
+    daily_budget_usd: float | None = Field(default=None, gt=0)
+    tag_budgets_usd: dict[str, float] = Field(default={})
+    # Prompt-cache-aware batching (daemon): requests sharing a cache prefix flush into one batch, together.
+    cache_grouping: bool = True
+    # Clients: raise each request's last cache breakpoint to the 1-hour TTL before it is queued.
+    cache_ttl_1h: bool = False
+    # Daemon: a new prefix with this many requests waiting is primed (one request first, in a small batch;
+    # the rest once its answer is in), for at most cache_prime_wait_seconds.
+    cache_priming: bool = False
+    cache_prime_min_requests: int = Field(default=4, ge=2, le=100_000)
+    cache_prime_wait_seconds: float = Field(default=900.0, gt=0, le=86_400)
+    # Clients: identical requests in flight at once are sent once, and one made again within
+    # dedupe_window_seconds of a succeeded answer gets that answer (per client or per request too).
+    dedupe: bool = False
+    dedupe_window_seconds: int = Field(default=86_400, ge=0)
+
+    @property
+    def dedupe_window(self) -> int:
+        """The window in force: an answer is reused only while it is kept (result_ttl_seconds)."""
+        return min(self.dedupe_window_seconds, self.result_ttl_seconds)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -165,6 +190,24 @@ class Settings(BaseSettings):
                 f"must be >= create_timeout_seconds + {_CREATE_JOB_MARGIN_S:g} ({least:g}): "
                 "a create job must never be cancelled while its create call may still succeed"
             )
+        return value
+
+    @field_validator("tag_budgets_usd")
+    @classmethod
+    def _tag_budgets(cls, value: dict[str, float]) -> dict[str, float]:
+        for scope, usd in value.items():
+            key, sep, tag_value = scope.partition("=")
+            if not sep or not TAG_KEY.fullmatch(key) or not TAG_VALUE.fullmatch(tag_value):
+                raise ValueError(f"{scope!r} is not a tag as key=value ({TAG_RULES})")
+            if not math.isfinite(usd) or usd <= 0:
+                raise ValueError(f"{scope}: the budget must be a positive number of USD, not {usd!r}")
+        return value
+
+    @field_validator("cache_priming")
+    @classmethod
+    def _priming_needs_grouping(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("cache_grouping") is False:
+            raise ValueError("needs cache_grouping: priming holds back the requests of a prefix group")
         return value
 
     @field_validator("anthropic_api_key")

@@ -30,12 +30,14 @@ import orjson
 
 from .errors import (
     BatchdError,
+    BudgetExceeded,
     InvalidRequest,
     QueueFull,
     RedisUnavailable,
     RequestNotFound,
     RequestTooLarge,
 )
+from .tags import MAX_TAGS, TAG_KEY, TAG_RULES, TAG_VALUE
 from .validation import MAX_REQUEST_ID_LEN
 
 __all__ = [
@@ -84,9 +86,6 @@ BATCH_HEADERS = ("anthropic-workspace-id", "anthropic-user-profile-id")
 _BATCHD_HEADERS = frozenset({"batchd-route", "batchd-deadline", "batchd-tags"})
 _ROUTES: tuple[Route, ...] = ("batch", "realtime", "auto")
 
-MAX_TAGS = 8
-_TAG_KEY = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-_TAG_VALUE = re.compile(r"[A-Za-z0-9_.:@/+-]{1,64}")
 _BETA = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 _HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII: ids, versions, keys
 _REQUEST_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_REQUEST_ID_LEN}}}")
@@ -369,11 +368,8 @@ def _tags(values: list[str]) -> tuple[tuple[str, str], ...]:
                 continue
             key, sep, tag_value = item.partition("=")
             key, tag_value = key.strip(), tag_value.strip()
-            if not sep or not _TAG_KEY.fullmatch(key) or not _TAG_VALUE.fullmatch(tag_value):
-                raise _invalid(
-                    f"batchd-tags: {item[:80]!r} is not key=value (key: 1-32 of A-Z a-z 0-9 _ . -; "
-                    "value: 1-64 of those and : @ / +)"
-                )
+            if not sep or not TAG_KEY.fullmatch(key) or not TAG_VALUE.fullmatch(tag_value):
+                raise _invalid(f"batchd-tags: {item[:80]!r} is not key=value ({TAG_RULES})")
             if key in tags:
                 raise _invalid(f"batchd-tags: {key!r} given twice")
             tags[key] = tag_value
@@ -474,6 +470,14 @@ def api_error_for(exc: BaseException) -> ApiError:
         return ApiError(413, "request_too_large", str(exc))
     if isinstance(exc, InvalidRequest):
         return _invalid(str(exc))
+    if isinstance(exc, BudgetExceeded):
+        # A day's budget frees at the next UTC midnight; an SDK that retries at once would only be refused
+        # again (and pay nothing), so it is told not to.
+        now = time.time()
+        until = int(86_400 - now % 86_400) + 1
+        return ApiError(
+            429, "rate_limit_error", str(exc), headers={"retry-after": str(until), "x-should-retry": "false"}
+        )
     if isinstance(exc, QueueFull):
         return ApiError(429, "rate_limit_error", str(exc), headers={"retry-after": "1"})
     if isinstance(exc, RedisUnavailable):

@@ -15,8 +15,11 @@ __all__ = ["deliver_lines"]
 log = logging.getLogger(__name__)
 
 
-async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bool = True) -> dict[str, int]:
-    """Deliver each results line (one pipelined round trip). Malformed lines are counted and skipped."""
+async def deliver_lines(
+    ctx: Context, lines: Sequence[bytes], *, allow_retry: bool = True, batch_id: str | None = None
+) -> dict[str, int]:
+    """Deliver each results line (one script call). Malformed lines are counted and skipped.
+    ``batch_id``: the batch the lines come from, whose succeeded lines are charged once each."""
     parsed: list[ResultLine] = []
     tally = {"delivered": 0, "requeued": 0, "duplicate": 0, "stale": 0, "malformed": 0}
     for raw in lines:
@@ -25,13 +28,16 @@ async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bo
         except Exception:
             tally["malformed"] += 1
             log.warning("skipping a malformed results line: %.200r", raw)
+    deliveries = [p.delivery(allow_retry=allow_retry) for p in parsed]
     replies = await ctx.store.scripts.deliver(
-        [p.delivery(allow_retry=allow_retry) for p in parsed],
+        deliveries,
         max_attempts=ctx.settings.max_attempts,
         ttl_seconds=ctx.settings.result_ttl_seconds,
+        batch_id=batch_id,
+        dedupe_window=ctx.settings.dedupe_window,
     )
     at = now_ms()
-    for line, reply in zip(parsed, replies, strict=True):
+    for line, delivery, reply in zip(parsed, deliveries, replies, strict=True):
         if reply.outcome is DeliverOutcome.DELIVERED:
             tally["delivered"] += 1
             metrics.RESULTS.labels(type=line.type).inc()
@@ -45,9 +51,9 @@ async def deliver_lines(ctx: Context, lines: Sequence[bytes], *, allow_retry: bo
             tally["duplicate"] += 1
         else:
             tally["stale"] += 1
-        if reply.outcome in (DeliverOutcome.DELIVERED, DeliverOutcome.REQUEUED) and line.message is not None:
-            # A succeeded line is billed whether it is delivered or (never) requeued.
-            usage = line.message.get("usage")
-            if isinstance(usage, dict):
-                metrics.record_usage(str(line.message.get("model", "")), usage)
+        if reply.charged and delivery.charge is not None:
+            # Billed once per custom id, delivered or dropped as stale or duplicate (the ledger agrees).
+            metrics.record_charge(delivery.charge)
+        if reply.followers:
+            metrics.REQUESTS_DEDUPED.labels(how="coalesced").inc(reply.followers)
     return tally

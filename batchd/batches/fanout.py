@@ -72,11 +72,11 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
                     continue
                 pending.append(line.encode())
                 if len(pending) >= _DELIVER_CHUNK:
-                    await deliver_lines(ctx, pending)
+                    await deliver_lines(ctx, pending, batch_id=batch_id)
                     await store.set_cursor(batch_id, lineno)
                     pending = []
             if pending:
-                await deliver_lines(ctx, pending)
+                await deliver_lines(ctx, pending, batch_id=batch_id)
                 await store.set_cursor(batch_id, lineno)
     except anthropic.NotFoundError as exc:
         metrics.count_api_error("results", exc)

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from ..ledger import charge_of
 from ..metrics import RESULT_TYPES
 from ..store import Delivery, split_custom_id
 from ..validation import validate_request_id
@@ -41,7 +42,9 @@ class ResultLine:
         return self.type in ("expired", "canceled") or self.error_type in RETRYABLE_ERROR_TYPES
 
     def delivery(self, *, allow_retry: bool) -> Delivery:
-        return Delivery(self.rid, self.attempt, self.raw, allow_retry and self.transient)
+        """For deliver.lua; a succeeded line carries its charge (the API billed it, delivered or not)."""
+        charge = charge_of(self.message) if self.message is not None else None
+        return Delivery(self.rid, self.attempt, self.raw, allow_retry and self.transient, charge)
 
 
 def parse_line(raw: bytes) -> ResultLine:

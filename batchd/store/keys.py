@@ -16,7 +16,7 @@ __all__ = ["CONSUMER_GROUP", "SCHEMA_VERSION", "Keys", "custom_id_for", "split_c
 CONSUMER_GROUP = "acc"
 # The layout of the keys and records below. Bumped when a field or key changes meaning, so a daemon never
 # reads another version's data as its own (see Store.check_schema).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,40 @@ class Keys:
     def request(self, rid: str) -> str:
         """Hash: a RequestRecord plus ``body`` (the params JSON, until answered)."""
         return f"{self.tag}:req:{rid}"
+
+    @property
+    def tag_sets(self) -> str:
+        """Hash: TagSet.id -> TagSet.canonical, for every tag set requests were sent with."""
+        return f"{self.tag}:tagsets"
+
+    def dedupe(self, digest: str) -> str:
+        """Hash: the request answering every deduped request with this digest (``rid``, its ``req`` and
+        ``res`` keys), the callers following it (``f:<rid>``), and once it succeeded ``ok``, ``std``
+        (pico-USD) and ``model``, kept for the dedupe window."""
+        return f"{self.tag}:dedupe:{digest}"
+
+    def prefix_state(self, prefix: str) -> str:
+        """String: "p" while a primer of this prompt-cache prefix is in flight, "w" (warm) for the prefix's
+        TTL after one of its requests was answered."""
+        return f"{self.tag}:prefix:{prefix}"
+
+    # --- spend --------------------------------------------------------------------------------------------
+    def ledger(self, day: str) -> str:
+        """Hash: one UTC day's costs, ``<model>|<tag set id>|<metric>`` -> integer (tokens, pico-USD)."""
+        return f"{self.tag}:ledger:{day}"
+
+    @property
+    def ledger_days(self) -> str:
+        """Zset day -> YYYYMMDD of every day the ledger has."""
+        return f"{self.tag}:ledger:days"
+
+    def budget(self, day: str) -> str:
+        """Hash: what one UTC day has spent or reserved (pico-USD), per scope: "*" and each ``key=value``."""
+        return f"{self.tag}:budget:{day}"
+
+    def billed(self, batch_id: str) -> str:
+        """Set: the custom ids of this batch already charged to the ledger (deleted once it is fanned out)."""
+        return f"{self.tag}:batch:{batch_id}:billed"
 
     # --- flushes and batches ------------------------------------------------------------------------------
     def flush(self, fid: str) -> str:

@@ -7,12 +7,13 @@ names spelt elsewhere. The ``.lua`` files use the same names (see each script's 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -20,15 +21,18 @@ __all__ = [
     "BatchHeaders",
     "BatchRecord",
     "BatchState",
+    "Charge",
     "FlushRecord",
     "FlushState",
     "FlushSummary",
     "IntakeEntry",
+    "LedgerRow",
     "RequestRecord",
     "RequestState",
     "Trigger",
     "now_ms",
     "text",
+    "utc_day",
 ]
 
 
@@ -38,6 +42,7 @@ class RequestState(StrEnum):
     QUEUED = "queued"  # in intake, not yet in a flush (again after a retryable answer)
     FLUSHED = "flushed"  # in flush ``fid``, waiting for its batch's answer
     DONE = "done"  # answered (or canceled); the result key holds the answer
+    FOLLOWING = "following"  # deduped: answered with another request's answer (its ``{p}:dedupe:`` record)
 
 
 class FlushState(StrEnum):
@@ -65,6 +70,7 @@ class Trigger(StrEnum):
     COUNT = "count"
     BYTES = "bytes"
     AGE = "age"
+    PRIME = "prime"  # a primer: the first request of a new prompt-cache prefix, sent ahead of the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +154,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def utc_day(ms: int) -> str:
+    """The UTC day (YYYY-MM-DD) of a timestamp in ms: the ledger's and the budgets' unit of time."""
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).date().isoformat()
+
+
 def _fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
     return {text(k): v for k, v in raw.items()}
 
@@ -161,6 +172,7 @@ class IntakeEntry:
     custom_id: str
     params_bytes: int
     group: str = ""  # BatchHeaders.key of the request
+    prefix: str = ""  # the request's prompt-cache prefix id ("" without a cache breakpoint)
 
     @property
     def ms(self) -> int:
@@ -178,6 +190,7 @@ class IntakeEntry:
             text(fields.get("cid")),
             _int(fields.get("bytes")),
             text(fields.get("group")),
+            text(fields.get("pfx")),
         )
 
 
@@ -294,6 +307,85 @@ class BatchRecord:
             missing_since_ms=_opt_int(f.get("missing_since")),
             lines=_opt_int(f.get("lines")),
         )
+
+
+class Charge(NamedTuple):
+    """What one billed answer adds to the ledger: its model (a bounded label), token counts and costs in
+    pico-USD at the price it was billed (``cost``) and at standard prices (``standard``). ``priced`` is
+    False for a model the price table does not know (counted, at no cost). A NamedTuple: one is made per
+    results line."""
+
+    model: str
+    input: int = 0
+    output: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    cache_read: int = 0
+    server_tool_uses: int = 0
+    cost: int = 0
+    standard: int = 0
+    priced: bool = True
+
+    def blob(self) -> str:
+        """The charge as the scripts read it (``split_charge`` in ``lua/_ledger.lua``): one argument."""
+        return "\t".join(str(v) for v in (*self[:9], 1 if self.priced else 0))
+
+
+# The ledger's metrics: hash field suffix -> LedgerRow attribute (lua/_ledger.lua writes the same names).
+LEDGER_METRICS = {
+    "n": "requests",
+    "in": "input",
+    "out": "output",
+    "w5": "cache_write_5m",
+    "w1": "cache_write_1h",
+    "cr": "cache_read",
+    "st": "server_tool_uses",
+    "cost": "cost",
+    "std": "standard",
+    "unp": "unpriced",
+    "nd": "undelivered",
+    "ndc": "undelivered_cost",
+    "rn": "reused",
+    "rs": "reused_standard",
+}
+
+
+@dataclass(slots=True)
+class LedgerRow:
+    """One ledger bucket: a UTC day, a model and a tag set (its id; "" untagged). Costs in pico-USD."""
+
+    day: str
+    model: str
+    tag_set: str
+    requests: int = 0  # answers billed
+    input: int = 0
+    output: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    cache_read: int = 0
+    server_tool_uses: int = 0
+    cost: int = 0  # what the API billed
+    standard: int = 0  # what the same usage costs at standard prices
+    unpriced: int = 0  # answers of models the price table does not know (no cost counted)
+    undelivered: int = 0  # billed but dropped by batchd (stale or duplicate lines), included above
+    undelivered_cost: int = 0
+    reused: int = 0  # requests answered without being sent (dedupe), not included above
+    reused_standard: int = 0  # the standard cost those answers had: saved entirely
+
+    @classmethod
+    def from_hash(cls, day: str, raw: Mapping[Any, Any]) -> list[LedgerRow]:
+        rows: dict[tuple[str, str], LedgerRow] = {}
+        for field_name, value in raw.items():
+            model, sep, rest = text(field_name).rpartition("|")
+            if not sep:
+                continue
+            model, sep, tag_set = model.rpartition("|")
+            attr = LEDGER_METRICS.get(rest)
+            if not sep or attr is None:
+                continue
+            row = rows.setdefault((model, tag_set), cls(day, model, tag_set))
+            setattr(row, attr, int(text(value)))
+        return list(rows.values())
 
 
 @dataclass(frozen=True, slots=True)

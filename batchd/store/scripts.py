@@ -9,26 +9,32 @@ costs one extra round trip, not an error.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from ..tags import TagSet
 from .keys import CONSUMER_GROUP, Keys, custom_id_for
-from .records import BatchHeaders, IntakeEntry, Trigger
+from .records import BatchHeaders, Charge, IntakeEntry, Trigger, now_ms, utc_day
 
 __all__ = [
+    "BUDGET_TTL_S",
     "SCRIPT_NAMES",
+    "BudgetLimits",
+    "BudgetRefused",
     "CancelOutcome",
     "DeliverOutcome",
     "DeliverReply",
     "Delivery",
     "EnqueueConflict",
+    "EnqueueOutcome",
     "EnqueueRefused",
     "NewRequest",
     "Scripts",
@@ -41,34 +47,96 @@ SCRIPT_NAMES = (
     "seal_flush",
     "deliver",
     "cancel",
+    "charge",
     "lease",
     "release_lock",
     "rate_slot",
 )
+# A day's budget hash outlives the day: a request is settled against the day it was submitted on, and may
+# be answered days later (attempts x the API's 24 h).
+BUDGET_TTL_S = 40 * 86_400
+_INCLUDE = re.compile(r"^--#include (\w+)$", re.MULTILINE)
 
 
 @cache
 def script_source(name: str) -> str:
-    return resources.files("batchd.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """A script's source, with the fragments it includes (``--#include _ledger``) pasted in."""
+    source = resources.files("batchd.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: script_source(m.group(1)), source)
 
 
-@dataclass(frozen=True, slots=True)
-class NewRequest:
+_DEFAULT_HEADERS = BatchHeaders()
+_UNTAGGED = TagSet()
+
+
+def text_of(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _day(ms: int) -> tuple[str, str]:
+    day = utc_day(ms)
+    return day, day.replace("-", "")
+
+
+class NewRequest(NamedTuple):
     """One request to queue: its id and its params JSON (the custom id of its first attempt and the digest
-    that tells a repeated submit from a conflicting one follow from them)."""
+    that tells a repeated submit from a conflicting one follow from them), and what spend needs of it: its
+    tags, its estimated cost (pico-USD), its prompt-cache prefix (id and TTL), whether it may be deduped.
+    A NamedTuple: a submit makes one per request."""
 
     rid: str
     body: bytes
-    headers: BatchHeaders = field(default_factory=BatchHeaders)
+    headers: BatchHeaders = _DEFAULT_HEADERS
+    tags: TagSet = _UNTAGGED
+    estimate: int = 0
+    prefix: str = ""
+    prefix_ttl: int = 0
+    dedupe: bool = False
 
     @property
     def custom_id(self) -> str:
         return custom_id_for(self.rid, 1)
 
     @property
+    def spend_fields(self) -> str:
+        """What enqueue.lua reads of the spend fields: "" when there are none (one argument either way)."""
+        if not (self.tags.id or self.estimate or self.prefix or self.dedupe):
+            return ""
+        return f"{self.tags.id}\t{self.estimate}\t{self.prefix}\t{self.prefix_ttl}\t{1 if self.dedupe else 0}"
+
+    @property
     def digest(self) -> str:
         """Tells a repeated submit (same params, same headers) from a conflicting one."""
         return hashlib.blake2b(self.body + b"\0" + self.headers.key.encode(), digest_size=16).hexdigest()
+
+
+class EnqueueOutcome(IntEnum):
+    """What enqueue did with one request (truthy: it is new to batchd)."""
+
+    QUEUED = 1  # queued
+    KNOWN = 0  # the request id exists with the same params: an idempotent repeat
+    FOLLOWING = 2  # deduped onto an identical request in flight: answered with its answer
+    REUSED = 3  # answered at once with an identical request's stored answer
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimits:
+    """The daily budgets in force (pico-USD): the global one (None: none) and per tag scope."""
+
+    daily: int | None = None
+    tags: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRefused:
+    """Request ``index`` of the call would take budget ``scope`` past its limit on ``day`` (nothing was
+    written). ``spent`` counts what was spent or reserved before it, all in pico-USD."""
+
+    index: int
+    scope: str
+    day: str
+    spent: int
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +169,7 @@ class Delivery:
     attempt: int
     line: bytes
     retry: bool
+    charge: Charge | None = None  # a succeeded line: what the API billed for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +177,13 @@ class DeliverReply:
     outcome: DeliverOutcome
     enqueued_ms: int
     attempts: int
+    charged: bool = False  # this call added the line to the ledger (the first time it was seen)
+    followers: int = 0  # deduped callers answered with this line
 
 
 class CancelOutcome(IntEnum):
-    REMOVED = 1  # still queued: it will never reach the API
-    ANSWERED = 2  # already in a flush: its caller is answered 'canceled' now
+    REMOVED = 1  # still queued (or deduped onto another request): it will never reach the API for it
+    ANSWERED = 2  # already in a flush (or others follow it): its caller is answered 'canceled' now
     ALREADY_ANSWERED = 0
     UNKNOWN = -1
 
@@ -131,27 +202,57 @@ class Scripts:
         return await self._s[name](keys=list(keys), args=list(args), client=client or self._redis)
 
     async def enqueue(
-        self, requests: Sequence[NewRequest], *, now_ms: int, max_requests: int, max_bytes: int
-    ) -> list[bool] | EnqueueRefused | EnqueueConflict:
-        """Queue the requests atomically. Per request True (new) or False (its id exists with the same
-        params: idempotent); EnqueueRefused when the caps would be passed, EnqueueConflict when an id is
-        known with other params: nothing is written in either case."""
+        self,
+        requests: Sequence[NewRequest],
+        *,
+        now_ms: int,
+        max_requests: int,
+        max_bytes: int,
+        budgets: BudgetLimits = BudgetLimits(),
+        result_ttl: int = 7 * 86_400,
+    ) -> list[EnqueueOutcome] | EnqueueRefused | EnqueueConflict | BudgetRefused:
+        """Queue the requests atomically: an EnqueueOutcome per request (truthy: new). EnqueueRefused when
+        the caps would be passed, EnqueueConflict when an id is known with other params, BudgetRefused when
+        a request's estimate would pass a budget: nothing is written in any of these cases.
+
+        Every request queued reserves its estimate against today's budgets (global and each of its tags);
+        deliver.lua settles it with the real cost. ``result_ttl`` is how long a reused answer is kept."""
         k = self._keys
-        keys = [k.intake, k.queue_stats, k.groups]
+        day, score = _day(now_ms)
+        keys = [k.intake, k.queue_stats, k.groups, k.tag_sets, k.budget(day), k.ledger(day), k.ledger_days]
         groups = {r.headers.key: r.headers for r in requests if r.headers.key}
-        args: list[Any] = [now_ms, max_requests, max_bytes, len(groups)]
+        tag_sets = {r.tags.id: r.tags.canonical for r in requests if r.tags.id}
+        args: list[Any] = [
+            now_ms,
+            max_requests,
+            max_bytes,
+            day,
+            score,
+            BUDGET_TTL_S,
+            result_ttl,
+            k.dedupe(""),
+        ]
+        args += ["" if budgets.daily is None else budgets.daily, len(budgets.tags)]
+        for scope, limit in budgets.tags.items():
+            args += [scope, limit]
+        args.append(len(groups))
         for key, headers in groups.items():
             args += [key, headers.to_json()]
+        args.append(len(tag_sets))
+        for tag_id, canonical in tag_sets.items():
+            args += [tag_id, canonical]
         for req in requests:
             keys += [k.request(req.rid), k.result(req.rid)]
-            args += [req.rid, req.custom_id, req.body, req.digest, req.headers.key]
+            args += [req.rid, req.custom_id, req.body, req.digest, req.headers.key, req.spend_fields]
         reply = await self._call("enqueue", keys, args)
-        # A success reply holds only 1s and 0s.
+        # A success reply holds only codes >= 0.
         if reply and int(reply[0]) == -1:
             return EnqueueRefused(int(reply[1]), int(reply[2]))
         if reply and int(reply[0]) == -2:
             return EnqueueConflict(int(reply[1]) - 1)
-        return [int(x) == 1 for x in reply]
+        if reply and int(reply[0]) == -3:
+            return BudgetRefused(int(reply[1]) - 1, text_of(reply[2]), day, int(reply[3]), int(reply[4]))
+        return [EnqueueOutcome(int(x)) for x in reply]
 
     async def commit_flush(
         self, fid: str, entries: Sequence[IntakeEntry], *, now_ms: int, group: str = ""
@@ -179,43 +280,77 @@ class Scripts:
         return None if n < 0 else n
 
     async def deliver(
-        self, deliveries: Sequence[Delivery], *, max_attempts: int, ttl_seconds: int
+        self,
+        deliveries: Sequence[Delivery],
+        *,
+        max_attempts: int,
+        ttl_seconds: int,
+        batch_id: str | None = None,
+        dedupe_window: int = 0,
+        now: int | None = None,
     ) -> list[DeliverReply]:
-        """Deliver (or requeue) each line, pipelined in one round trip."""
+        """Deliver (or requeue) each line, in one script call (up to a fan-out chunk of 500). A line with a
+        charge (succeeded) is added to today's ledger the first time this batch's ``batch_id`` delivers its
+        custom id."""
         if not deliveries:
             return []
         k = self._keys
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for d in deliveries:
-                await self._call(
-                    "deliver",
-                    [k.request(d.rid), k.result(d.rid), k.intake, k.queue_stats],
-                    [
-                        d.attempt,
-                        d.line,
-                        "1" if d.retry else "0",
-                        max_attempts,
-                        ttl_seconds,
-                        k.delivered_channel,
-                        d.rid,
-                        custom_id_for(d.rid, d.attempt + 1),
-                    ],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        day, score = _day(now_ms() if now is None else now)
+        billed = k.billed(batch_id if batch_id is not None else "-")
+        keys = [k.intake, k.queue_stats, k.ledger(day), k.ledger_days, k.tag_sets, billed]
+        args: list[Any] = [
+            max_attempts,
+            ttl_seconds,
+            k.delivered_channel,
+            day,
+            score,
+            k.budget(""),
+            BUDGET_TTL_S,
+            k.prefix_state(""),
+            dedupe_window,
+        ]
+        for d in deliveries:
+            keys += [k.request(d.rid), k.result(d.rid)]
+            args += [
+                d.attempt,
+                d.line,
+                "1" if d.retry else "0",
+                d.rid,
+                custom_id_for(d.rid, d.attempt + 1),
+                custom_id_for(d.rid, d.attempt),
+                d.charge.blob() if d.charge is not None else "",
+            ]
+        flat = await self._call("deliver", keys, args)
         return [
-            DeliverReply(DeliverOutcome(int(code)), int(enq or 0), int(attempts or 0))
-            for code, enq, attempts in replies
+            DeliverReply(
+                DeliverOutcome(int(flat[i])),
+                int(flat[i + 1] or 0),
+                int(flat[i + 2] or 0),
+                int(flat[i + 3]) == 1,
+                int(flat[i + 4]),
+            )
+            for i in range(0, len(flat), 5)
         ]
 
     async def cancel(self, rid: str, *, line: bytes, ttl_seconds: int) -> CancelOutcome:
         k = self._keys
         code = await self._call(
             "cancel",
-            [k.request(rid), k.result(rid), k.queue_stats],
-            [line, ttl_seconds, k.delivered_channel, rid],
+            [k.request(rid), k.result(rid), k.queue_stats, k.tag_sets],
+            [line, ttl_seconds, k.delivered_channel, rid, k.budget(""), BUDGET_TTL_S],
         )
         return CancelOutcome(int(code))
+
+    async def charge(self, charge: Charge, *, tags: TagSet, now: int | None = None) -> None:
+        """Charge one answer that did not come through a batch (a real-time call) to today's ledger and
+        budgets. The caller charges each answer once."""
+        k = self._keys
+        day, score = _day(now_ms() if now is None else now)
+        await self._call(
+            "charge",
+            [k.ledger(day), k.ledger_days, k.tag_sets, k.budget(day)],
+            [day, score, tags.id, tags.canonical, BUDGET_TTL_S, charge.blob()],
+        )
 
     async def lease(self, key: str, holder: str, *, ms: int) -> bool:
         """Take or renew the lease ``key`` for ``holder``; False if another holds it."""

@@ -23,6 +23,7 @@ from .records import (
     FlushRecord,
     FlushState,
     FlushSummary,
+    LedgerRow,
     RequestRecord,
     RequestState,
     now_ms,
@@ -349,6 +350,8 @@ class Store:
                 pipe.expire(k.flush(batch.fid), ttl_seconds)
                 pipe.expire(k.flush_rids(batch.fid), ttl_seconds)
             pipe.expire(k.batch(batch.batch_id), ttl_seconds)
+            # Every line is delivered: nothing of this batch can be charged again (poll_batch stops at DONE).
+            pipe.delete(k.billed(batch.batch_id))
             await pipe.execute()
 
     async def open_requests(self) -> int:
@@ -386,6 +389,43 @@ class Store:
                 rows = await pipe.execute()
             out.extend(r for b, raw in zip(chunk, rows, strict=True) if (r := BatchRecord.from_hash(b, raw)))
         return out
+
+    # --- spend: the ledger, the budgets, prompt-cache prefixes --------------------------------------------
+    async def ledger_days(self) -> list[str]:
+        """Every UTC day the ledger has, oldest first."""
+        return [text(d) for d in await self.redis.zrange(self.keys.ledger_days, 0, -1)]
+
+    async def ledger_rows(self, days: Sequence[str]) -> list[LedgerRow]:
+        """The ledger's buckets (day x model x tag set) of these days."""
+        rows: list[LedgerRow] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(self.keys.ledger(day))
+            hashes = await pipe.execute()
+        for day, raw in zip(days, hashes, strict=True):
+            rows.extend(LedgerRow.from_hash(day, raw))
+        return rows
+
+    async def tag_sets(self) -> dict[str, str]:
+        """Tag set id -> canonical ``k=v,...`` of every tag set requests were sent with."""
+        raw = await self._hgetall(self.keys.tag_sets)
+        return {text(k): text(v) for k, v in raw.items()}
+
+    async def budget_spent(self, day: str) -> dict[str, int]:
+        """What one UTC day has spent or reserved, per budget scope ("*", "key=value"), in pico-USD."""
+        raw = await self._hgetall(self.keys.budget(day))
+        return {text(k): int(text(v)) for k, v in raw.items()}
+
+    async def prefix_states(self, prefixes: Sequence[str]) -> dict[str, str | None]:
+        """Prompt-cache prefix id -> "p" (a primer is in flight), "w" (warm) or None (cold)."""
+        if not prefixes:
+            return {}
+        values = await self.redis.mget([self.keys.prefix_state(p) for p in prefixes])
+        return {p: (None if v is None else text(v)) for p, v in zip(prefixes, values, strict=True)}
+
+    async def start_priming(self, prefix: str, *, ms: int) -> bool:
+        """Claim the priming of a cold prefix for ``ms`` (False: someone primes it or it is warm)."""
+        return bool(await self.redis.set(self.keys.prefix_state(prefix), "p", nx=True, px=ms))
 
     # --- locks and leases ---------------------------------------------------------------------------------
     async def take_lock(self, key: str, value: str, *, ms: int) -> bool:

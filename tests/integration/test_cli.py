@@ -31,7 +31,7 @@ from tests.redis_server import free_port
 _BATCHD = Path(sys.executable).with_name("batchd")
 _LEAKY_PREFIXES = ("BATCHD_", "ANTHROPIC_")
 _LEAKY_NAMES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "CREDENTIALS_DIRECTORY")
-SUBCOMMANDS = ("run", "demo", "emulator", "submit", "status", "cancel")
+SUBCOMMANDS = ("run", "demo", "emulator", "submit", "status", "costs", "cancel")
 # The fault knobs the emulator's --help must name (the list), whatever else it grows.
 FAULT_KNOBS = (
     "processing-seconds",
@@ -121,6 +121,7 @@ SUBCOMMAND_HELP = {
     "emulator": ("--host", "--port", *(f"--{knob}" for knob in FAULT_KNOBS)),
     "submit": ("file", "--out", "--wait", "--timeout", "idempotent"),
     "status": ("--json", "--config"),
+    "costs": ("--json", "--since", "--until", "--by", "model,tag,day"),
     "cancel": ("request_id", "--config"),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import pytest
@@ -278,5 +279,57 @@ DEFAULTS = {"cache_write_5m": 1.25, "cache_write_1h": 2.0, "cache_read": 0.1, "b
     ],
 )
 def test_bad_price_files_are_refused(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        pricing._parse(doc)
+
+
+# --- exact pico-dollar figures, the table's date and source, server tools ----------------------------------
+
+
+def test_picos_are_exact_and_batch_is_exactly_half() -> None:
+    # Fable 5.1 reads at 0.025 x $10 = $0.25/M standard, $0.125/M batch: 125,000 pico-USD a token in a batch.
+    both = pricing.picos("claude-fable-5-1", {"cache_read_input_tokens": 3})
+    assert both == (375_000, 750_000)
+    for model in known_models():
+        usage = {"input_tokens": 1231, "output_tokens": 77, "cache_read_input_tokens": 4321}
+        batch, standard = pricing.picos(model, usage) or (0, 0)
+        assert 2 * batch == standard, model
+
+
+def test_us_geo_premium_stays_exact_in_picos() -> None:
+    # Fable 5.1 cache read in a batch: $0.125/M x 1.1 = $0.1375/M = 137,500 pico-USD a token.
+    assert pricing.picos("claude-fable-5-1", {"cache_read_input_tokens": 1, "inference_geo": "us"}) == (
+        137_500,
+        275_000,
+    )
+
+
+def test_server_tool_uses_are_priced_per_use_and_not_discounted() -> None:
+    usage = {"input_tokens": 1000, "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 2}}
+    # Haiku 4.5: 1000 x $1/M = $0.001 standard; 3 searches x $10/1000 = $0.03 either way; fetches are free.
+    assert costs("claude-haiku-4-5", usage) == pytest.approx((0.0005 + 0.03, 0.001 + 0.03))
+    counts = token_counts(usage)
+    assert dict(counts.server_tools) == {"web_search_requests": 3, "web_fetch_requests": 2}
+    assert counts.server_tool_uses == 5
+
+
+def test_the_table_keeps_its_date_and_source() -> None:
+    info = pricing.table_info()
+    assert info.date == "2026-11-30"
+    assert "Pricing" in info.source
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (None, r"\[table\]"),
+        ({"date": "2026-11-30", "source": "x"}, "must be a date"),
+        ({"date": datetime.date(2026, 11, 30), "source": " "}, "must name"),
+    ],
+)
+def test_a_table_without_its_date_and_source_is_refused(table: Any, message: str) -> None:
+    doc: dict[str, Any] = {"defaults": {**DEFAULTS, "us_geo_multiplier": 1.1}, "models": {}}
+    if table is not None:
+        doc["table"] = table
     with pytest.raises(ValueError, match=message):
         pricing._parse(doc)

@@ -12,6 +12,7 @@ PUBLIC = {
     "AsyncClient",
     "Client",
     "BatchdError",
+    "BudgetExceeded",
     "ClientClosed",
     "ConfigError",
     "InvalidParams",

@@ -48,6 +48,15 @@ DEFAULTS: dict[str, Any] = {
     "http_tokens": None,
     "http_token_file": None,
     "http_ping_seconds": 15.0,
+    "daily_budget_usd": None,
+    "tag_budgets_usd": {},
+    "cache_grouping": True,
+    "cache_ttl_1h": False,
+    "cache_priming": False,
+    "cache_prime_min_requests": 4,
+    "cache_prime_wait_seconds": 900.0,
+    "dedupe": False,
+    "dedupe_window_seconds": 86_400,
 }
 
 # field -> (environment value, parsed value). One row per setting: test_env_table_covers_every_setting
@@ -84,6 +93,15 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
     "http_tokens": ("tok-a,tok-b", "tok-a,tok-b"),
     "http_token_file": ("/etc/batchd/http_tokens", Path("/etc/batchd/http_tokens")),
     "http_ping_seconds": ("5", 5.0),
+    "daily_budget_usd": ("12.5", 12.5),
+    "tag_budgets_usd": ('{"team=search": 50, "env=prod": 0.25}', {"team=search": 50.0, "env=prod": 0.25}),
+    "cache_grouping": ("false", False),
+    "cache_ttl_1h": ("true", True),
+    "cache_priming": ("true", True),
+    "cache_prime_min_requests": ("10", 10),
+    "cache_prime_wait_seconds": ("60", 60.0),
+    "dedupe": ("true", True),
+    "dedupe_window_seconds": ("0", 0),
 }
 
 
@@ -340,3 +358,31 @@ def test_redacted_masks_the_key_and_the_redis_password() -> None:
     assert redacted["redis_url"] == "redis://user:***@host:6379/0"
     assert SECRET not in str(redacted)
     assert "hunter2" not in str(redacted)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (
+            {"tag_budgets_usd": {"team": 5.0}},
+            "BATCHD_TAG_BUDGETS_USD: Value error, 'team' is not a tag as key=value",
+        ),
+        ({"tag_budgets_usd": {"team=a b": 5.0}}, "is not a tag as key=value"),
+        ({"tag_budgets_usd": {"team=x": 0.0}}, "must be a positive number of USD"),
+        ({"daily_budget_usd": 0}, "BATCHD_DAILY_BUDGET_USD"),
+        (
+            {"cache_grouping": False, "cache_priming": True},
+            "BATCHD_CACHE_PRIMING: Value error, needs cache_grouping",
+        ),
+        ({"cache_prime_min_requests": 1}, "BATCHD_CACHE_PRIME_MIN_REQUESTS"),
+    ],
+)
+def test_spend_settings_are_checked(overrides: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(**overrides)
+    assert problem in str(info.value)
+
+
+def test_the_dedupe_window_never_outlives_the_answers() -> None:
+    assert load_settings().dedupe_window == 86_400
+    assert load_settings(result_ttl_seconds=3600).dedupe_window == 3600

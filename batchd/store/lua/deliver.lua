@@ -1,36 +1,161 @@
--- Deliver one results line to its caller, or send the request back to intake for another attempt.
--- KEYS[1] request hash, KEYS[2] result key, KEYS[3] intake stream, KEYS[4] queue stats.
--- ARGV[1] attempt the line answers, ARGV[2] the line (JSON), ARGV[3] retry? ("1": the result is transient),
--- ARGV[4] max attempts, ARGV[5] result TTL (s), ARGV[6] pub/sub channel, ARGV[7] rid,
--- ARGV[8] the custom id of the next attempt (used only when the request is sent back).
--- Returns {code, enq_ms, attempts}: code 1 delivered, 2 requeued, 0 duplicate (already answered), -1 stale
--- (a line for an attempt that is not the current one, or a request batchd does not know).
--- NX and the attempt check make a repeated fan-out harmless: nothing is ever answered twice.
-local f = redis.call('HMGET', KEYS[1], 'state', 'attempts', 'enq', 'bytes', 'cancel', 'group')
-local state, attempts = f[1], tonumber(f[2])
-if redis.call('EXISTS', KEYS[2]) == 1 or state == 'done' then
-  return {0, f[3] or 0, attempts or 0}
-end
-if not state or attempts ~= tonumber(ARGV[1]) or state == 'queued' then
-  return {-1, 0, attempts or 0}
-end
-if ARGV[3] == '1' and attempts < tonumber(ARGV[4]) and not f[5] then
-  local next_attempt = attempts + 1
-  redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', next_attempt)
-  redis.call('HDEL', KEYS[1], 'fid')
-  if f[6] then
-    redis.call('XADD', KEYS[3], '*', 'rid', ARGV[7], 'cid', ARGV[8], 'bytes', f[4], 'group', f[6])
+-- Deliver a chunk of results lines, each to its caller or back to intake for another attempt; charge every
+-- succeeded line to the ledger exactly once, whatever happens to it. One call per chunk: the keys and
+-- settings the lines share are passed once.
+-- KEYS[1] intake stream, KEYS[2] queue stats, KEYS[3] today's ledger hash, KEYS[4] ledger days zset,
+-- KEYS[5] tag sets hash, KEYS[6] the batch's billed set, then per line: request hash, result key.
+-- ARGV[1] max attempts, ARGV[2] result TTL (s), ARGV[3] pub/sub channel, ARGV[4] today (UTC, YYYY-MM-DD),
+-- ARGV[5] today as YYYYMMDD, ARGV[6] budget key prefix (the day is appended), ARGV[7] budget TTL (s),
+-- ARGV[8] prefix-state key prefix (the prefix id is appended), ARGV[9] dedupe window (s), then per line
+-- (7 each): the attempt it answers, the line (JSON), retry? ("1": the result is transient), rid, the custom
+-- id of the next attempt (used only when the request is sent back), this line's custom id, and its charge
+-- ("" unless it succeeded: the records.Charge fields joined by tabs, see _ledger.lua).
+-- Returns per line {code, enq_ms, attempts, charged, followers}, flattened: code 1 delivered, 2 requeued,
+-- 0 duplicate (already answered), -1 stale (a line for an attempt that is not the current one, or a request
+-- batchd does not know); charged 1 if this call added the line to the ledger; followers: deduped callers
+-- answered with it.
+-- NX and the attempt check make a repeated fan-out harmless: nothing is ever answered twice, and the billed
+-- set (SADD) makes sure nothing is charged twice: the API bills every succeeded line once, delivered or not.
+-- Each line stands alone, so a chunk cut short by an error is simply delivered again.
+--#include _ledger
+local max_attempts, ttl, channel = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local today, score, budget_prefix, budget_ttl = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local prefix_prefix, window = ARGV[8], tonumber(ARGV[9])
+local intake, queue_stats, ledger, days = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local tag_sets, billed = KEYS[5], KEYS[6]
+
+local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, cid, charge)
+  local f = redis.call('HMGET', req, 'state', 'attempts', 'enq', 'bytes', 'cancel', 'group', 'pfx', 'pttl',
+    'tags', 'est', 'bday', 'dd')
+  local state, attempts = f[1], tonumber(f[2])
+  local succeeded = charge ~= ''
+  local tagset = f[9] or ''
+
+  -- A canceled request that deduped callers follow (cancel.lua) has its caller's answer already, and goes on.
+  local detached = f[5] and f[12]
+  local code
+  if state == 'done' or (not detached and redis.call('EXISTS', res) == 1) then
+    code = 0
+  elseif not state or attempts ~= line_attempt or state == 'queued' or state == 'following' then
+    code = -1
+  elseif retry == '1' and attempts < max_attempts and (not f[5] or f[12]) then
+    -- A canceled request is not retried, unless deduped callers still wait on it (f[12]).
+    code = 2
   else
-    redis.call('XADD', KEYS[3], '*', 'rid', ARGV[7], 'cid', ARGV[8], 'bytes', f[4])
+    code = 1
   end
-  redis.call('HINCRBY', KEYS[4], 'requests', 1)
-  redis.call('HINCRBY', KEYS[4], 'bytes', tonumber(f[4]))
-  return {2, f[3], next_attempt}
+
+  -- The ledger, and the request's budget reservation (its estimate) settled by its final line.
+  local charged = 0
+  local c = nil
+  if succeeded then
+    c = split_charge(charge)
+    if redis.call('SADD', billed, cid) == 1 then
+      charged = 1
+      ledger_charge(ledger, days, today, score, tagset, c, code == 1)
+    end
+  end
+  local settles = f[10] and attempts == line_attempt and (code == 1 or code == 0)
+  if settles or charged == 1 then
+    local scopes = budget_scopes(tag_sets, tagset)
+    local bkey = budget_prefix .. (f[11] or today)
+    local amount = 0
+    if charged == 1 then
+      amount = tonumber(c[8])
+    end
+    if settles then
+      amount = amount - tonumber(f[10])
+      redis.call('HDEL', req, 'est')
+    end
+    budget_add(bkey, scopes, amount, budget_ttl)
+  end
+
+  -- A prompt-cache prefix is warm once one of its requests was answered; a failed primer frees it.
+  if f[7] and (code == 1 or code == 2) then
+    local pkey = prefix_prefix .. f[7]
+    if succeeded then
+      redis.call('SET', pkey, 'w', 'EX', tonumber(f[8]) or 300)
+    elseif redis.call('GET', pkey) == 'p' then
+      redis.call('DEL', pkey)
+    end
+  end
+
+  if code <= 0 then
+    return {code, f[3] or 0, attempts or 0, charged, 0}
+  end
+  if code == 2 then
+    local next_attempt = attempts + 1
+    redis.call('HSET', req, 'state', 'queued', 'attempts', next_attempt)
+    redis.call('HDEL', req, 'fid')
+    local entry = {'rid', rid, 'cid', next_cid, 'bytes', f[4]}
+    if f[6] then
+      entry[#entry + 1] = 'group'
+      entry[#entry + 1] = f[6]
+    end
+    if f[7] then
+      entry[#entry + 1] = 'pfx'
+      entry[#entry + 1] = f[7]
+    end
+    redis.call('XADD', intake, '*', unpack(entry))
+    redis.call('HINCRBY', queue_stats, 'requests', 1)
+    redis.call('HINCRBY', queue_stats, 'bytes', tonumber(f[4]))
+    return {2, f[3], next_attempt, charged, 0}
+  end
+
+  redis.call('SET', res, line, 'NX', 'EX', ttl)
+  redis.call('HSET', req, 'state', 'done')
+  redis.call('HDEL', req, 'body')
+  redis.call('EXPIRE', req, ttl)
+  redis.call('PUBLISH', channel, rid)
+
+  -- Deduped callers following this request get the same answer; a succeeded one is kept for the window.
+  local followers = 0
+  if f[12] then
+    local dd = f[12]
+    local record = redis.call('HGETALL', dd)
+    local owner = nil
+    local waiting = {}
+    for i = 1, #record, 2 do
+      local name = record[i]
+      if name == 'rid' then
+        owner = record[i + 1]
+      elseif string.sub(name, 1, 2) == 'f:' then
+        waiting[#waiting + 1] = name
+        local req_key, res_key, follower_tags = string.match(record[i + 1], '^([^\t]*)\t([^\t]*)\t(.*)$')
+        if req_key and redis.call('HGET', req_key, 'state') == 'following' then
+          redis.call('SET', res_key, line, 'NX', 'EX', ttl)
+          redis.call('HSET', req_key, 'state', 'done')
+          redis.call('EXPIRE', req_key, ttl)
+          redis.call('PUBLISH', channel, string.sub(name, 3))
+          followers = followers + 1
+          if succeeded then
+            ledger_reuse(ledger, days, today, score, follower_tags, c[1], c[9])
+          end
+        end
+      end
+    end
+    if owner == rid then
+      if #waiting > 0 then
+        redis.call('HDEL', dd, unpack(waiting))
+      end
+      if succeeded and window > 0 then
+        redis.call('HSET', dd, 'ok', 1, 'std', c[9], 'model', c[1])
+        redis.call('EXPIRE', dd, window)
+      else
+        redis.call('DEL', dd)
+      end
+    end
+  end
+  return {1, f[3], attempts, charged, followers}
 end
-local ttl = tonumber(ARGV[5])
-redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ttl)
-redis.call('HSET', KEYS[1], 'state', 'done')
-redis.call('HDEL', KEYS[1], 'body')
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('PUBLISH', ARGV[6], ARGV[7])
-return {1, f[3], attempts}
+
+local out = {}
+local nlines = (#ARGV - 9) / 7
+for i = 1, nlines do
+  local a = 9 + (i - 1) * 7
+  local reply = deliver_one(KEYS[6 + (i - 1) * 2 + 1], KEYS[6 + (i - 1) * 2 + 2], tonumber(ARGV[a + 1]),
+    ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
+  for j = 1, 5 do
+    out[#out + 1] = reply[j]
+  end
+end
+return out

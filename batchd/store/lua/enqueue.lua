@@ -1,36 +1,90 @@
 -- Submit one or more requests atomically (all of the call or none of it).
--- KEYS[1] intake stream, KEYS[2] queue stats hash, KEYS[3] groups hash, then per request: request hash,
--- result key.
--- ARGV[1] now (ms), ARGV[2] max queued requests, ARGV[3] max queued bytes, ARGV[4] G, then G pairs
--- (group id, its headers JSON), then per request: rid, custom id of attempt 1, params JSON, params digest,
--- group id ("" for the default headers).
+-- KEYS[1] intake stream, KEYS[2] queue stats hash, KEYS[3] groups hash, KEYS[4] tag sets hash, KEYS[5]
+-- today's budget hash, KEYS[6] today's ledger hash, KEYS[7] ledger days zset, then per request: request
+-- hash, result key.
+-- ARGV[1] now (ms), ARGV[2] max queued requests, ARGV[3] max queued bytes, ARGV[4] today (UTC), ARGV[5]
+-- today as YYYYMMDD, ARGV[6] budget TTL (s), ARGV[7] result TTL (s), ARGV[8] dedupe key prefix (the
+-- digest is appended), ARGV[9] the global daily budget (pico-USD, "" for none), ARGV[10] L, then L pairs
+-- (tag scope, its daily budget), then G, then G pairs (group id, its headers JSON), then T, then T pairs
+-- (tag set id, its canonical "k=v,..."), then per request (6 each): rid, custom id of attempt 1, params JSON,
+-- digest (params and headers), group id ("" for the default headers), and its spend fields: "" when it
+-- has none, else tag set id, estimate (pico-USD), prompt-cache prefix id, its TTL (s) and dedupe ("1":
+-- follow or reuse an identical request), joined by tabs.
 -- Returns {-1, queued_n, queued_bytes} if the caps would be passed, {-2, i} if request i (1-based) reuses
--- a known request id with other params (nothing written in either case); else a list with 1 (new) or
--- 0 (that request id already exists with the same params: idempotent submit) per request.
+-- a known request id with other params, {-3, i, scope, spent, limit} if request i's estimate would take a
+-- budget past its limit (nothing written in any of these); else one code per request: 1 queued, 0 that
+-- request id already exists with the same params (idempotent submit), 2 deduped onto an identical request
+-- in flight (answered with its answer), 3 answered at once with an identical request's stored answer.
 -- All reads come before the first write: under maxmemory/noeviction Redis refuses a script at its first
 -- write, so an out-of-memory error leaves nothing half-written.
-local now = ARGV[1]
-local ngroups = tonumber(ARGV[4])
-local first = 4 + 2 * ngroups  -- the ARGV index before the first request's
-local nreq = (#ARGV - first) / 5
+--#include _ledger
+local now, today, score = ARGV[1], ARGV[4], ARGV[5]
+local budget_ttl, result_ttl, dedupe_prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local limits = {}
+if ARGV[9] ~= '' then
+  limits['*'] = tonumber(ARGV[9])
+end
+local at = 10
+for _ = 1, tonumber(ARGV[at]) do
+  limits[ARGV[at + 1]] = tonumber(ARGV[at + 2])
+  at = at + 2
+end
+at = at + 1
+local ngroups = tonumber(ARGV[at])
+local groups_at = at
+at = at + 1 + 2 * ngroups
+local ntags = tonumber(ARGV[at])
+local tagsets = {}
+for t = 1, ntags do
+  tagsets[ARGV[at + (t - 1) * 2 + 1]] = ARGV[at + (t - 1) * 2 + 2]
+end
+local first = at + 2 * ntags  -- the ARGV index before the first request's
+local nreq = (#ARGV - first) / 6
 local stats = redis.call('HMGET', KEYS[2], 'requests', 'bytes')
 local queued_n = tonumber(stats[1]) or 0
 local queued_bytes = tonumber(stats[2]) or 0
 
-local fresh = {}
+-- The budget scopes of a tag set id: "*" and each tag (from this call's tag sets).
+local scopes_cache = {}
+local function scopes_of(tagset)
+  local scopes = scopes_cache[tagset]
+  if scopes then
+    return scopes
+  end
+  scopes = {'*'}
+  local canonical = tagsets[tagset]
+  if canonical then
+    for item in string.gmatch(canonical, '[^,]+') do
+      scopes[#scopes + 1] = item
+    end
+  end
+  scopes_cache[tagset] = scopes
+  return scopes
+end
+
+local codes, spend = {}, {}
 local add_n, add_bytes = 0, 0
 local seen = {}
+local primary_of = {}  -- dedupe key -> rid of the request of this call that carries it
+local reuse = {}  -- i -> {line, model, standard cost}
+local spent, reserve = {}, {}  -- scope -> pico-USD spent before this call / reserved by it
 for i = 1, nreq do
-  local base = first + (i - 1) * 5
+  local base = first + (i - 1) * 6
   local rid, body, digest = ARGV[base + 1], ARGV[base + 3], ARGV[base + 4]
+  local s = {tagset = '', est = 0, pfx = '', pttl = '', dedupe = false}
+  if ARGV[base + 6] ~= '' then
+    local tagset, est, pfx, pttl, dedupe = string.match(ARGV[base + 6], '^([^\t]*)\t(%d+)\t([^\t]*)\t(%d+)\t(%d)$')
+    s = {tagset = tagset, est = tonumber(est), pfx = pfx, pttl = pttl, dedupe = dedupe == '1'}
+  end
+  spend[i] = s
+  local req = KEYS[7 + (i - 1) * 2 + 1]
   local known = seen[rid]
   if not known then
     -- A request answered long ago may keep only its result; its digest went with its record.
-    local stored = redis.call('HGET', KEYS[3 + (i - 1) * 2 + 1], 'digest')
+    local stored = redis.call('HGET', req, 'digest')
     if stored then
       known = stored
-    elseif redis.call('EXISTS', KEYS[3 + (i - 1) * 2 + 1]) == 1
-        or redis.call('EXISTS', KEYS[3 + (i - 1) * 2 + 2]) == 1 then
+    elseif redis.call('EXISTS', req) == 1 or redis.call('EXISTS', KEYS[7 + (i - 1) * 2 + 2]) == 1 then
       known = digest
     end
   end
@@ -38,12 +92,56 @@ for i = 1, nreq do
     if known ~= digest then
       return {-2, i}
     end
-    fresh[i] = 0
+    codes[i] = 0
   else
-    fresh[i] = 1
     seen[rid] = digest
-    add_n = add_n + 1
-    add_bytes = add_bytes + #body
+    codes[i] = 1
+    if s.dedupe then
+      local dd = dedupe_prefix .. digest
+      s.dd = dd
+      if primary_of[dd] then
+        codes[i] = 2
+      else
+        local r = redis.call('HMGET', dd, 'rid', 'req', 'res', 'ok', 'std', 'model')
+        if r[1] and r[4] == '1' then
+          local line = redis.call('GET', r[3])
+          if line then
+            codes[i] = 3
+            reuse[i] = {line, r[6] or 'unknown', r[5] or '0'}
+          end
+        elseif r[1] then
+          local leader = redis.call('HGET', r[2], 'state')
+          if leader == 'queued' or leader == 'flushed' then
+            codes[i] = 2
+          end
+        end
+      end
+      if codes[i] == 1 then
+        primary_of[dd] = rid
+      end
+    end
+    if codes[i] == 1 then
+      add_n = add_n + 1
+      add_bytes = add_bytes + #body
+      if s.est > 0 then
+        local scopes = scopes_of(s.tagset)
+        for _, scope in ipairs(scopes) do
+          local limit = limits[scope]
+          if limit then
+            if spent[scope] == nil then
+              spent[scope] = tonumber(redis.call('HGET', KEYS[5], scope) or '0')
+            end
+            local before = spent[scope] + (reserve[scope] or 0)
+            if before + s.est > limit then
+              return {-3, i, scope, string.format('%d', before), string.format('%d', limit)}
+            end
+          end
+        end
+        for _, scope in ipairs(scopes) do
+          reserve[scope] = (reserve[scope] or 0) + s.est
+        end
+      end
+    end
   end
 end
 
@@ -52,26 +150,69 @@ if add_n > 0 and (queued_n + add_n > tonumber(ARGV[2]) or queued_bytes + add_byt
 end
 
 for g = 1, ngroups do
-  redis.call('HSETNX', KEYS[3], ARGV[4 + (g - 1) * 2 + 1], ARGV[4 + (g - 1) * 2 + 2])
+  redis.call('HSETNX', KEYS[3], ARGV[groups_at + (g - 1) * 2 + 1], ARGV[groups_at + (g - 1) * 2 + 2])
+end
+for id, canonical in pairs(tagsets) do
+  redis.call('HSETNX', KEYS[4], id, canonical)
 end
 for i = 1, nreq do
-  if fresh[i] == 1 then
-    local base = first + (i - 1) * 5
-    local rid, cid, body, digest, group = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4],
-      ARGV[base + 5]
-    local req = KEYS[3 + (i - 1) * 2 + 1]
-    redis.call('HSET', req, 'body', body, 'bytes', #body, 'digest', digest, 'state', 'queued', 'attempts', 1,
-      'enq', now)
+  local base = first + (i - 1) * 6
+  local rid, cid, body, digest, group = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4],
+    ARGV[base + 5]
+  local s = spend[i]
+  local req, res = KEYS[7 + (i - 1) * 2 + 1], KEYS[7 + (i - 1) * 2 + 2]
+  if codes[i] == 1 then
+    local fields = {'body', body, 'bytes', #body, 'digest', digest, 'state', 'queued', 'attempts', 1, 'enq', now}
+    local entry = {'rid', rid, 'cid', cid, 'bytes', #body}
     if group ~= '' then
-      redis.call('HSET', req, 'group', group)
-      redis.call('XADD', KEYS[1], '*', 'rid', rid, 'cid', cid, 'bytes', #body, 'group', group)
-    else
-      redis.call('XADD', KEYS[1], '*', 'rid', rid, 'cid', cid, 'bytes', #body)
+      fields[#fields + 1], fields[#fields + 2] = 'group', group
+      entry[#entry + 1], entry[#entry + 2] = 'group', group
     end
+    if s.pfx ~= '' then
+      fields[#fields + 1], fields[#fields + 2] = 'pfx', s.pfx
+      fields[#fields + 1], fields[#fields + 2] = 'pttl', s.pttl
+      entry[#entry + 1], entry[#entry + 2] = 'pfx', s.pfx
+    end
+    if s.tagset ~= '' then
+      fields[#fields + 1], fields[#fields + 2] = 'tags', s.tagset
+    end
+    if s.est > 0 then
+      fields[#fields + 1], fields[#fields + 2] = 'est', s.est
+      fields[#fields + 1], fields[#fields + 2] = 'bday', today
+    end
+    if primary_of[s.dd or ''] == rid then
+      fields[#fields + 1], fields[#fields + 2] = 'dd', s.dd
+      -- No expiry while it is in flight: deliver.lua sets the window (or deletes it) once it is answered.
+      redis.call('DEL', s.dd)
+      redis.call('HSET', s.dd, 'rid', rid, 'req', req, 'res', res)
+    end
+    redis.call('HSET', req, unpack(fields))
+    redis.call('XADD', KEYS[1], '*', unpack(entry))
+  elseif codes[i] == 2 then
+    redis.call('HSET', req, 'digest', digest, 'state', 'following', 'enq', now, 'dd', s.dd)
+    if s.tagset ~= '' then
+      redis.call('HSET', req, 'tags', s.tagset)
+    end
+    redis.call('HSET', s.dd, 'f:' .. rid, req .. '\t' .. res .. '\t' .. s.tagset)
+  elseif codes[i] == 3 then
+    local reused = reuse[i]
+    redis.call('SET', res, reused[1], 'NX', 'EX', result_ttl)
+    redis.call('HSET', req, 'digest', digest, 'state', 'done', 'enq', now)
+    redis.call('EXPIRE', req, result_ttl)
+    ledger_reuse(KEYS[6], KEYS[7], today, score, s.tagset, reused[2], reused[3])
   end
+end
+-- Every estimate queued is reserved against today's budgets (settled by deliver.lua).
+local reserved = false
+for scope, amount in pairs(reserve) do
+  redis.call('HINCRBY', KEYS[5], scope, string.format('%d', amount))
+  reserved = true
+end
+if reserved then
+  redis.call('EXPIRE', KEYS[5], budget_ttl)
 end
 if add_n > 0 then
   redis.call('HINCRBY', KEYS[2], 'requests', add_n)
   redis.call('HINCRBY', KEYS[2], 'bytes', add_bytes)
 end
-return fresh
+return codes

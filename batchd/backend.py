@@ -23,10 +23,11 @@ Every exception is turned into the API's answer by ``translate.api_error_for``.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .store import BatchHeaders
-from .translate import ApiError, ApiRequest
+from .translate import ApiRequest
 
 if TYPE_CHECKING:
     from .client import AsyncClient
@@ -47,21 +48,14 @@ class ClientBackend:
     """The Backend over batchd's ``AsyncClient`` (the Redis queue).
 
     Betas, the API version and the workspace / user-profile headers travel with the request as its batch's
-    headers; its tags (``batchd-tags``) go into the cost ledger and the budgets. The queue does not carry
-    routes other than ``batch`` yet: a request that asks for one is refused with a 400 naming it rather
-    than sent without it.
+    headers; its tags (``batchd-tags``) go into the cost ledger and the budgets; its route and deadline
+    (``batchd-route``, ``batchd-deadline``) decide whether and when it also goes through the real-time API.
     """
 
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
 
     async def submit(self, request: ApiRequest, request_id: str | None) -> str:
-        if request.route != "batch":
-            raise ApiError(
-                400,
-                "invalid_request_error",
-                "batchd-route other than batch: not supported by this batchd queue yet",
-            )
         extra = dict(request.headers)
         headers = BatchHeaders(
             betas=tuple(sorted(set(request.betas))),
@@ -69,7 +63,15 @@ class ClientBackend:
             workspace_id=extra.get("anthropic-workspace-id"),
             user_profile_id=extra.get("anthropic-user-profile-id"),
         )
-        return await self.client.submit(request.params, request_id, headers=headers, tags=dict(request.tags))
+        deadline = None if request.deadline is None else datetime.fromtimestamp(request.deadline, UTC)
+        return await self.client.submit(
+            request.params,
+            request_id,
+            headers=headers,
+            tags=dict(request.tags),
+            route=request.route,
+            deadline=deadline,
+        )
 
     async def wait(self, request_id: str, timeout: float | None) -> bytes | None:
         # The raw line, not the client's parsed model: it keeps blocks the installed SDK does not know.

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
@@ -20,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import apispec, metrics
+from . import apispec, metrics, routing
 from .errors import (
     BudgetExceeded,
     ClientClosed,
@@ -35,6 +36,7 @@ from .errors import (
 from .ledger import budget_limits, estimate, usd
 from .messages import AsyncBeta, AsyncMessages, result_of
 from .promptcache import cache_prefix, with_ttl_1h
+from .routing import RouteName
 from .settings import Settings, load_settings, redact_url
 from .store import (
     CLIENT_SOCKET_TIMEOUT,
@@ -46,6 +48,7 @@ from .store import (
     EnqueueRefused,
     Keys,
     NewRequest,
+    Route,
     Scripts,
     Store,
     connect,
@@ -143,6 +146,8 @@ class AsyncClient:
         headers: BatchHeaders | None = None,
         tags: Mapping[str, str] | None = None,
         dedupe: bool | None = None,
+        route: RouteName | None = None,
+        deadline: float | datetime | None = None,
     ) -> str:
         """Queue one request and return its id at once. Submitting an id that exists (with the same params)
         is a no-op; with other params it is a RequestConflict.
@@ -154,6 +159,12 @@ class AsyncClient:
         one answered within ``dedupe_window_seconds`` answers it at once, so it is paid for once. When the
         queue is full, wait up to ``wait`` seconds for room, then raise QueueFull; a request whose estimate
         would pass a daily budget raises BudgetExceeded.
+
+        ``route``: ``"batch"`` (the default), ``"realtime"`` (the Messages API at once, at standard prices,
+        never batched) or ``"auto"`` with a ``deadline`` (seconds from now, or an aware datetime): batched,
+        and sent in real time as well if its batch has not answered ``realtime_margin_seconds`` before the
+        deadline (at once if no batch could meet it). A deadline alone means ``"auto"``. Routes other than
+        batch are never deduped.
         """
         ids = None if request_id is None else [request_id]
         return (
@@ -166,6 +177,8 @@ class AsyncClient:
                 headers=headers,
                 tags=tags,
                 dedupe=dedupe,
+                route=route,
+                deadline=deadline,
             )
         )[0]
 
@@ -180,6 +193,8 @@ class AsyncClient:
         headers: BatchHeaders | None = None,
         tags: Mapping[str, str] | TagSet | None = None,
         dedupe: bool | None = None,
+        route: RouteName | None = None,
+        deadline: float | datetime | None = None,
     ) -> list[str]:
         """Queue many requests (all with the same batch headers and tags), pipelined; returns their ids in
         order.
@@ -187,13 +202,18 @@ class AsyncClient:
         Every request is checked as the API would check it before anything is written (InvalidParams with
         the API's message), and its tags too. Chunks of requests are written atomically; if the queue fills
         part-way, QueueFull is raised and ``exc.accepted`` holds the ids that were queued (BudgetExceeded
-        likewise, when a request's estimate would pass a daily budget).
+        likewise, when a request's estimate would pass a daily budget). ``route`` and ``deadline`` as for
+        ``submit``.
         """
         self._check_open()
+        routed = routing.plan(route, deadline, self.settings)
         if headers is None:
             headers = BatchHeaders(betas=tuple(sorted(set(betas))), anthropic_version=anthropic_version)
         tag_set = parse_tags(tags)
-        deduped = self.dedupe if dedupe is None else bool(dedupe)
+        # Routed requests are never deduped: a deadline is its caller's own.
+        deduped = (self.dedupe if dedupe is None else bool(dedupe)) and routed.route is Route.BATCH
+        # A request sent in real time at once costs the standard price: twice the batch estimate.
+        scale = 2 if routed.route in (Route.REALTIME, Route.AUTO_NOW) else 1
         prepared = [self._prepare(p, headers) for p in params_list]
         if request_ids is None:
             rids = [new_request_id() for _ in prepared]
@@ -210,7 +230,18 @@ class AsyncClient:
                 )
         _refuse_conflicting_duplicates(rids, [r.body for r in prepared])
         items = [
-            NewRequest(rid, p.body, headers, tag_set, p.estimate, p.prefix, p.prefix_ttl, deduped)
+            NewRequest(
+                rid,
+                p.body,
+                headers,
+                tag_set,
+                p.estimate * scale,
+                p.prefix,
+                p.prefix_ttl,
+                deduped,
+                routed.route,
+                routed.due_ms,
+            )
             for rid, p in zip(rids, prepared, strict=True)
         ]
         deadline = time.monotonic() + wait

@@ -25,7 +25,7 @@ from . import jobs, metrics, replica, systemd
 from .accumulator import Accumulator
 from .apiclient import RATE_WINDOW_S, api_client
 from .apihealth import api_health
-from .batches import Context, poll_open_batches
+from .batches import Context, RealtimeSender, poll_open_batches
 from .errors import ConfigError
 from .health import Health
 from .leases import LEASE_S
@@ -147,6 +147,8 @@ class Daemon:
         self.health.register("accumulator", max_silence=30.0)
         self.health.register("poller", max_silence=max(30.0, 3 * self._poll_every()))
         self.health.register("heartbeat", max_silence=30.0)
+        self.health.register("realtime", max_silence=30.0)
+        sender = RealtimeSender(context, beat=lambda: self.health.beat("realtime"))
         worker_box: list[Any] = []
 
         async def run_worker() -> None:
@@ -171,6 +173,7 @@ class Daemon:
             ),
             asyncio.create_task(self._supervise("worker", run_worker)),
             asyncio.create_task(self._supervise("poller", lambda: self._poll(context))),
+            asyncio.create_task(self._supervise("realtime", lambda: sender.run(self.stop_event))),
         ]
         self._ready.set()
         systemd.ready()

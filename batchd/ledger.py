@@ -83,7 +83,7 @@ def charge_of(message: Mapping[str, Any]) -> Charge:
 
 def realtime_charge_of(message: Mapping[str, Any]) -> Charge:
     """What a real-time answer (Messages API, standard prices) adds: it cost its standard price, so it saved
-    nothing. For the routing of the front: ``store.scripts.charge(realtime_charge_of(message), tags=...)``."""
+    nothing (answer_realtime.lua adds it to the ledger)."""
     batch = charge_of(message)
     return batch._replace(cost=batch.standard)
 

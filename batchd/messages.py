@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -31,6 +32,7 @@ from .errors import (
     RequestFailed,
     ResultTimeout,
 )
+from .routing import RouteName
 from .store import BatchHeaders
 from .tags import TagSet, parse_tags
 
@@ -59,6 +61,8 @@ class PreparedCall:
     timeout: float | None
     tags: TagSet = field(default_factory=TagSet)
     dedupe: bool | None = None  # None: the client's default
+    route: RouteName | None = None  # None: auto with a deadline, else batch (routing.plan)
+    deadline: float | datetime | None = None
 
 
 def _given(value: object) -> bool:
@@ -67,12 +71,14 @@ def _given(value: object) -> bool:
 
 async def prepare_call(kwargs: Mapping[str, Any], *, default_timeout: float | None) -> PreparedCall:
     """An SDK ``messages.create`` call's keyword arguments -> batch params, batch headers and the wait, and
-    batchd's own ``tags`` (cost ledger and budgets) and ``dedupe``.
+    batchd's own ``tags`` (cost ledger and budgets), ``dedupe``, ``route`` and ``deadline``.
 
     Raises InvalidParams for what a batch cannot carry (stream, extra query parameters) and for bad tags."""
     call = {k: v for k, v in kwargs.items() if _given(v)}
     tags = parse_tags(call.pop("tags", None))
     dedupe = call.pop("dedupe", None)
+    route = call.pop("route", None)
+    deadline = call.pop("deadline", None)
     if dedupe is not None and not isinstance(dedupe, bool):
         raise InvalidParams(f"dedupe must be True or False, not {dedupe!r}")
     timeout = call.pop("timeout", default_timeout)
@@ -102,7 +108,8 @@ async def prepare_call(kwargs: Mapping[str, Any], *, default_timeout: float | No
         user_profile_id=header.get("anthropic-user-profile-id")
         or extra_headers.get("anthropic-user-profile-id"),
     )
-    return PreparedCall(params, headers, None if timeout is None else float(timeout), tags, dedupe)
+    wait = None if timeout is None else float(timeout)
+    return PreparedCall(params, headers, wait, tags, dedupe, route, deadline)
 
 
 def parse_result(request_id: str, line: bytes, *, beta: bool = False) -> Any:
@@ -143,7 +150,14 @@ async def _create(
     client: AsyncClient, kwargs: Mapping[str, Any], *, beta: bool, default_timeout: float | None
 ) -> Any:
     call = await prepare_call(kwargs, default_timeout=default_timeout)
-    rid = await client.submit(call.params, headers=call.headers, tags=call.tags.as_dict(), dedupe=call.dedupe)
+    rid = await client.submit(
+        call.params,
+        headers=call.headers,
+        tags=call.tags.as_dict(),
+        dedupe=call.dedupe,
+        route=call.route,
+        deadline=call.deadline,
+    )
     line = await client.result_line(rid, call.timeout)
     if line is None:
         raise ResultTimeout(rid, call.timeout if call.timeout is not None else float("inf"))
@@ -159,7 +173,8 @@ class AsyncMessages:
 
     async def create(self, **kwargs: Any) -> Message:
         """The SDK's keyword arguments (``timeout`` is how long to wait for the answer), and batchd's
-        ``tags={"team": "search"}`` and ``dedupe=True/False`` (see AsyncClient.submit). Returns the SDK's
+        ``tags={"team": "search"}``, ``dedupe=True/False``, ``route`` and ``deadline`` (see
+        AsyncClient.submit). Returns the SDK's
         Message; raises RequestErrored/RequestCanceled/RequestExpired when the request ends without one,
         ResultTimeout (with the request id, to collect it later) when ``timeout`` passes first, and
         BudgetExceeded when its estimate would pass a daily budget."""

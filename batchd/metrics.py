@@ -32,6 +32,7 @@ __all__ = [
     "API_OPS",
     "API_REQUESTS",
     "API_THROTTLED_SECONDS",
+    "BATCHES_CANCELED",
     "BATCHES_CREATED",
     "BATCHES_LOST",
     "BATCH_REQUESTS",
@@ -40,6 +41,8 @@ __all__ = [
     "COST_USD",
     "DEDUPE_KINDS",
     "OTHER_MODEL",
+    "REALTIME_REASONS",
+    "REALTIME_REQUESTS",
     "REGISTRY",
     "REQUESTS_DEDUPED",
     "REQUESTS_RETRIED",
@@ -70,7 +73,8 @@ RETRY_REASONS = ("expired", "api_error", "overloaded_error", "other")
 RESULT_TYPES = ("succeeded", "errored", "canceled", "expired")
 BATCH_TRIGGERS = ("count", "bytes", "age", "prime")
 DEDUPE_KINDS = ("coalesced", "stored")
-API_OPS = ("create", "retrieve", "results", "list", "cancel")
+API_OPS = ("create", "retrieve", "results", "list", "cancel", "messages")
+REALTIME_REASONS = ("route", "deadline", "deadline_at_submit")
 API_ERROR_KINDS = ("rate_limit", "overloaded", "server", "connection", "not_found", "client", "timeout")
 TOKEN_KINDS = ("input", "output", "cache_write", "cache_read")
 OTHER_MODEL = "other"
@@ -84,6 +88,19 @@ REQUESTS_RETRIED = Counter(
     "batchd_requests_retried_total",
     "Requests sent back to intake for another attempt. reason: expired|api_error|overloaded_error|other.",
     ["reason"],
+    registry=REGISTRY,
+)
+REALTIME_REQUESTS = Counter(
+    "batchd_realtime_requests_total",
+    "Requests answered through the real-time Messages API, at standard prices. reason: route (asked for real "
+    "time), deadline (auto: its batch had not answered by the deadline less the margin), deadline_at_submit "
+    "(auto: no batch could have met the deadline).",
+    ["reason"],
+    registry=REGISTRY,
+)
+BATCHES_CANCELED = Counter(
+    "batchd_batches_canceled_total",
+    "Batches batchd canceled because every request in them had its answer from the real-time API.",
     registry=REGISTRY,
 )
 REQUESTS_DEDUPED = Counter(
@@ -146,8 +163,9 @@ REQUEST_LATENCY = Histogram(
 )
 COST_USD = Counter(
     "batchd_cost_usd_total",
-    "USD billed at batch prices for succeeded results lines (once per custom id, delivered or dropped as "
-    "stale or duplicate). model: a price-table base id, or 'other' (uncosted).",
+    "USD billed for succeeded results lines at batch prices (once per custom id, delivered or dropped as "
+    "stale or duplicate), and for real-time answers of routed requests at standard prices. model: a "
+    "price-table base id, or 'other' (uncosted).",
     ["model"],
     registry=REGISTRY,
 )
@@ -166,8 +184,8 @@ TOKENS = Counter(
 )
 API_REQUESTS = Counter(
     "batchd_api_requests_total",
-    "Calls to the Message Batches API (SDK retries inside one call count once). "
-    "op: create|retrieve|results|list|cancel.",
+    "Calls to the Message Batches API, and real-time Messages calls (op messages) for routed requests (SDK "
+    "retries inside one call count once). op: create|retrieve|results|list|cancel|messages.",
     ["op"],
     registry=REGISTRY,
 )
@@ -205,6 +223,8 @@ for _trigger in BATCH_TRIGGERS:
     BATCHES_CREATED.labels(trigger=_trigger)
 for _how in DEDUPE_KINDS:
     REQUESTS_DEDUPED.labels(how=_how)
+for _why in REALTIME_REASONS:
+    REALTIME_REQUESTS.labels(reason=_why)
 for _model in (*pricing.known_models(), OTHER_MODEL):
     COST_USD.labels(model=_model)
     SAVINGS_USD.labels(model=_model)
@@ -333,6 +353,12 @@ _QUEUE_FAMILIES: tuple[tuple[str, str, Callable[[QueueSnapshot], float]], ...] =
         "1 while sealed flushes wait for room in the API's processing queue (BATCHD_API_QUEUE_LIMIT).",
         lambda s: 1.0 if s.held_by_queue_cap else 0.0,
     ),
+    (
+        "batchd_routed_requests",
+        "Routed requests (realtime, or auto with a deadline) not yet answered by a real-time call or their "
+        "batch.",
+        lambda s: s.routed_requests,
+    ),
     ("batchd_replicas", "Daemon replicas with a recent heartbeat.", lambda s: s.alive_replicas),
 )
 
@@ -340,7 +366,7 @@ _QUEUE_FAMILIES: tuple[tuple[str, str, Callable[[QueueSnapshot], float]], ...] =
 class QueueGauges(Collector):
     """Gauges of the shared queue: batchd_intake_pending_requests, batchd_intake_pending_bytes,
     batchd_intake_oldest_age_seconds, batchd_open_batches, batchd_api_queue_requests,
-    batchd_held_by_queue_cap and batchd_replicas (no labels).
+    batchd_held_by_queue_cap, batchd_routed_requests and batchd_replicas (no labels).
 
     Every replica could read these from Redis, and summing them across replicas would multiply them. So the
     daemon calls :meth:`update` only on the replica holding the metrics-leader lease, and :meth:`clear` on

@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     # A waiting stream sends an SSE ping this often, so proxies keep the idle connection open.
     http_ping_seconds: float = Field(default=15.0, gt=0, le=300)
 
+    # Routing (docs/front.md): a request with a deadline (route auto) is also sent through the real-time
+    # Messages API, at standard prices, if its batch has not answered this long before the deadline; a
+    # deadline no batch could meet goes to real time at once. Enough for a long answer to be written.
+    realtime_margin_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    # Daemon: real-time calls in flight at once, per replica.
+    realtime_concurrency: int = Field(default=16, ge=1, le=1000)
+
     # Spend (docs/spend.md). Budgets: USD a UTC day may spend, over every request (None: no global budget)
     # and per tag ("team=search" -> USD). A request whose estimate would pass one is refused at submit.
     daily_budget_usd: float | None = Field(default=None, gt=0)

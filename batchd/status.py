@@ -57,6 +57,8 @@ async def collect_status(store: Store, *, queue_limit: int, dead_after_s: float 
             "read_not_flushed": snap.read_not_flushed,
         },
         "flushes_waiting_for_submit": snap.flushes_waiting,
+        # Routed requests (realtime, or auto with a deadline) the real-time sender has not answered yet.
+        "routed_requests": snap.routed_requests,
         # Why flushes may wait: the API's processing queue (its cap per tier) is full of batchd's requests.
         "api_queue": {
             "requests": snap.open_requests,
@@ -79,6 +81,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"queue:         {q['requests']} requests, {q['bytes']} bytes, oldest {oldest} "
         f"({q['read_not_flushed']} read by a replica, not yet flushed)",
         f"flushes:       {status['flushes_waiting_for_submit']} waiting to be submitted",
+        f"routed:        {status['routed_requests']} requests waiting for real time or their deadline",
         f"api queue:     {api['requests']} of {api['limit']} requests"
         + ("  HELD: flushes wait for room in the API's queue" if api["held_by_queue_cap"] else ""),
         f"open batches:  {status['open_batches']['count']}",

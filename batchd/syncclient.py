@@ -74,8 +74,8 @@ class Client:
     def submit(
         self, params: Mapping[str, Any], request_id: str | None = None, *, wait: float = 0.0, **headers: Any
     ) -> str:
-        """As AsyncClient.submit (``betas``, ``anthropic_version``, ``headers``, ``tags``, ``dedupe``
-        likewise)."""
+        """As AsyncClient.submit (``betas``, ``anthropic_version``, ``headers``, ``tags``, ``dedupe``,
+        ``route`` and ``deadline`` likewise)."""
         return self._run(self._async.submit(params, request_id, wait=wait, **headers))
 
     def submit_many(

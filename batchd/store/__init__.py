@@ -18,6 +18,7 @@ from .records import (
     LedgerRow,
     RequestRecord,
     RequestState,
+    Route,
     Trigger,
     now_ms,
     text,
@@ -34,6 +35,8 @@ from .scripts import (
     EnqueueOutcome,
     EnqueueRefused,
     NewRequest,
+    RealtimeAnswer,
+    RealtimeClaim,
     Scripts,
 )
 from .store import FlushItem, QueueSnapshot, SchemaMismatch, Store
@@ -66,8 +69,11 @@ __all__ = [
     "LedgerRow",
     "NewRequest",
     "QueueSnapshot",
+    "RealtimeAnswer",
+    "RealtimeClaim",
     "RequestRecord",
     "RequestState",
+    "Route",
     "SchemaMismatch",
     "Scripts",
     "Store",

@@ -90,6 +90,17 @@ class Keys:
         """Set: the custom ids of this batch already charged to the ledger (deleted once it is fanned out)."""
         return f"{self.tag}:batch:{batch_id}:billed"
 
+    # --- routing -----------------------------------------------------------------------------------------
+    @property
+    def deadlines(self) -> str:
+        """Zset: rid -> when (ms) the daemon sends it through the real-time API (see records.Route); a
+        claimed one is pushed back by a lease's length, so a replica that dies mid-call is taken over."""
+        return f"{self.tag}:deadlines"
+
+    def realtime_lease(self, rid: str) -> str:
+        """Held by the replica making a request's real-time call, renewed by its heartbeat."""
+        return f"{self.tag}:lease:rt:{rid}"
+
     # --- flushes and batches ------------------------------------------------------------------------------
     def flush(self, fid: str) -> str:
         """Hash: a FlushRecord."""

@@ -43,6 +43,20 @@ class RequestState(StrEnum):
     FLUSHED = "flushed"  # in flush ``fid``, waiting for its batch's answer
     DONE = "done"  # answered (or canceled); the result key holds the answer
     FOLLOWING = "following"  # deduped: answered with another request's answer (its ``{p}:dedupe:`` record)
+    REALTIME = "realtime"  # routed to the Messages API only: never in intake, never batched
+
+
+class Route(StrEnum):
+    """How a request reaches the API (``{p}:req:<rid>`` field ``route``; absent: BATCH). Every route but
+    BATCH has a due time in ``{p}:deadlines``, when the daemon sends it through the real-time Messages API
+    (standard prices) unless it has its answer by then."""
+
+    BATCH = "batch"
+    REALTIME = "realtime"  # asked for real time: sent at once
+    AUTO = (
+        "auto"  # batched; sent in real time too if its batch has not answered by its deadline less a margin
+    )
+    AUTO_NOW = "auto_now"  # auto, but a batch could not meet the deadline: sent in real time at once
 
 
 class FlushState(StrEnum):
@@ -242,6 +256,7 @@ class FlushRecord:
     batch_id: str | None
     errors: int  # consecutive create errors (backoff)
     error: str | None  # why the create failed for good
+    fell_back: int = 0  # of its requests, answered in real time before its batch (answer_realtime.lua)
 
     @classmethod
     def from_hash(cls, fid: str, raw: Mapping[Any, Any]) -> FlushRecord | None:
@@ -266,6 +281,7 @@ class FlushRecord:
             batch_id=_opt_text(f.get("batch")),
             errors=_int(f.get("errors")),
             error=_opt_text(f.get("error")),
+            fell_back=_int(f.get("fellback")),
         )
 
 

@@ -22,7 +22,7 @@ from redis.commands.core import AsyncScript
 
 from ..tags import TagSet
 from .keys import CONSUMER_GROUP, Keys, custom_id_for
-from .records import BatchHeaders, Charge, IntakeEntry, Trigger, now_ms, utc_day
+from .records import BatchHeaders, Charge, IntakeEntry, RequestState, Route, Trigger, now_ms, utc_day
 
 __all__ = [
     "BUDGET_TTL_S",
@@ -37,6 +37,8 @@ __all__ = [
     "EnqueueOutcome",
     "EnqueueRefused",
     "NewRequest",
+    "RealtimeAnswer",
+    "RealtimeClaim",
     "Scripts",
     "script_source",
 ]
@@ -47,7 +49,8 @@ SCRIPT_NAMES = (
     "seal_flush",
     "deliver",
     "cancel",
-    "charge",
+    "claim_realtime",
+    "answer_realtime",
     "lease",
     "release_lock",
     "rate_slot",
@@ -92,6 +95,8 @@ class NewRequest(NamedTuple):
     prefix: str = ""
     prefix_ttl: int = 0
     dedupe: bool = False
+    route: Route = Route.BATCH
+    due_ms: int = 0  # when a route other than BATCH is sent in real time
 
     @property
     def custom_id(self) -> str:
@@ -103,6 +108,11 @@ class NewRequest(NamedTuple):
         if not (self.tags.id or self.estimate or self.prefix or self.dedupe):
             return ""
         return f"{self.tags.id}\t{self.estimate}\t{self.prefix}\t{self.prefix_ttl}\t{1 if self.dedupe else 0}"
+
+    @property
+    def route_field(self) -> str:
+        """What enqueue.lua reads of the route: "" for a batch, else the route and its due ms."""
+        return "" if self.route is Route.BATCH else f"{self.route.value}\t{self.due_ms}"
 
     @property
     def digest(self) -> str:
@@ -181,6 +191,31 @@ class DeliverReply:
     followers: int = 0  # deduped callers answered with this line
 
 
+class RealtimeClaim(NamedTuple):
+    """A request claimed for its real-time call: its state then, its route, its params JSON, its batch
+    headers' group id and its current attempt (the custom id its answer carries)."""
+
+    rid: str
+    state: RequestState
+    route: Route
+    body: bytes
+    group: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeAnswer:
+    outcome: DeliverOutcome  # DELIVERED, DUPLICATE (it had its answer) or STALE (unknown request)
+    fell_back: int  # requests of its flush answered in real time so far (0: it was in none)
+    sent: int  # requests its flush's batch was created with (0: none created yet)
+    batch_id: str | None
+
+    @property
+    def batch_all_fell_back(self) -> bool:
+        """Every request of its batch has its answer from real time: the batch is no use any more."""
+        return self.batch_id is not None and self.sent > 0 and self.fell_back >= self.sent
+
+
 class CancelOutcome(IntEnum):
     REMOVED = 1  # still queued (or deduped onto another request): it will never reach the API for it
     ANSWERED = 2  # already in a flush (or others follow it): its caller is answered 'canceled' now
@@ -220,6 +255,7 @@ class Scripts:
         k = self._keys
         day, score = _day(now_ms)
         keys = [k.intake, k.queue_stats, k.groups, k.tag_sets, k.budget(day), k.ledger(day), k.ledger_days]
+        keys.append(k.deadlines)
         groups = {r.headers.key: r.headers for r in requests if r.headers.key}
         tag_sets = {r.tags.id: r.tags.canonical for r in requests if r.tags.id}
         args: list[Any] = [
@@ -244,6 +280,7 @@ class Scripts:
         for req in requests:
             keys += [k.request(req.rid), k.result(req.rid)]
             args += [req.rid, req.custom_id, req.body, req.digest, req.headers.key, req.spend_fields]
+            args.append(req.route_field)
         reply = await self._call("enqueue", keys, args)
         # A success reply holds only codes >= 0.
         if reply and int(reply[0]) == -1:
@@ -341,16 +378,40 @@ class Scripts:
         )
         return CancelOutcome(int(code))
 
-    async def charge(self, charge: Charge, *, tags: TagSet, now: int | None = None) -> None:
-        """Charge one answer that did not come through a batch (a real-time call) to today's ledger and
-        budgets. The caller charges each answer once."""
+    async def claim_realtime(
+        self, *, now_ms: int, limit: int, claim_ms: int
+    ) -> tuple[list[RealtimeClaim], int | None]:
+        """Up to ``limit`` requests due in real time, each pushed back ``claim_ms`` (see
+        claim_realtime.lua), and when the next one is due (ms; None: none is listed)."""
+        k = self._keys
+        flat = await self._call("claim_realtime", [k.deadlines], [now_ms, limit, claim_ms, k.request("")])
+        claims = [
+            RealtimeClaim(
+                text_of(flat[i]),
+                RequestState(text_of(flat[i + 1])),
+                Route(text_of(flat[i + 2])),
+                bytes(flat[i + 3]),
+                text_of(flat[i + 4]),
+                int(flat[i + 5]),
+            )
+            for i in range(1, len(flat), 6)
+        ]
+        next_due = int(float(flat[0]))
+        return claims, None if next_due < 0 else next_due
+
+    async def answer_realtime(
+        self, rid: str, *, line: bytes, charge: Charge | None, ttl_seconds: int, now: int | None = None
+    ) -> RealtimeAnswer:
+        """Answer ``rid`` with its real-time call's results line, and charge a succeeded one (whether or not
+        it is delivered: the call was billed)."""
         k = self._keys
         day, score = _day(now_ms() if now is None else now)
-        await self._call(
-            "charge",
-            [k.ledger(day), k.ledger_days, k.tag_sets, k.budget(day)],
-            [day, score, tags.id, tags.canonical, BUDGET_TTL_S, charge.blob()],
-        )
+        keys = [k.request(rid), k.result(rid), k.queue_stats, k.deadlines, k.ledger(day), k.ledger_days]
+        keys.append(k.tag_sets)
+        args: list[Any] = [rid, line, charge.blob() if charge is not None else "", ttl_seconds]
+        args += [k.delivered_channel, day, score, k.budget(""), BUDGET_TTL_S, k.flush("")]
+        code, fell, sent, batch = await self._call("answer_realtime", keys, args)
+        return RealtimeAnswer(DeliverOutcome(int(code)), int(fell), int(sent), text_of(batch) or None)
 
     async def lease(self, key: str, holder: str, *, ms: int) -> bool:
         """Take or renew the lease ``key`` for ``holder``; False if another holds it."""

@@ -65,6 +65,7 @@ class QueueSnapshot:
     open_batches: int  # created and not yet fanned out
     open_requests: int  # the requests in those: what the API's processing queue holds of ours
     held_by_queue_cap: bool  # sealed flushes are waiting for room in that queue
+    routed_requests: int  # routed requests waiting for their real-time call (now or at their deadline)
     replicas: dict[str, int]  # replica name -> last heartbeat (ms)
     alive_replicas: int  # of which with a recent heartbeat
 
@@ -427,6 +428,20 @@ class Store:
         """Claim the priming of a cold prefix for ``ms`` (False: someone primes it or it is warm)."""
         return bool(await self.redis.set(self.keys.prefix_state(prefix), "p", nx=True, px=ms))
 
+    # --- routing -----------------------------------------------------------------------------------------
+    async def count_realtime_failure(self, rid: str) -> int:
+        """Count a failed real-time call of ``rid``; returns how many have failed (whatever replica made
+        them)."""
+        return int(await self.redis.hincrby(self.keys.request(rid), "rtfail", 1))  # type: ignore[misc]
+
+    async def reschedule_realtime(self, rid: str, at_ms: int) -> None:
+        """List ``rid`` again, due at ``at_ms`` (only while it is listed: an answered one stays dropped)."""
+        await self.redis.zadd(self.keys.deadlines, {rid: at_ms}, xx=True)
+
+    async def realtime_pending(self) -> int:
+        """Requests listed to go through the real-time API (now or at their deadline)."""
+        return int(await self.redis.zcard(self.keys.deadlines))
+
     # --- locks and leases ---------------------------------------------------------------------------------
     async def take_lock(self, key: str, value: str, *, ms: int) -> bool:
         return bool(await self.redis.set(key, value, nx=True, px=ms))
@@ -543,7 +558,9 @@ class Store:
             pipe.zrange(k.replicas, 0, -1, withscores=True)
             pipe.get(k.open_requests)
             pipe.exists(k.held_by_queue_cap)
-            (n, nbytes), first, open_batches, flushes, replicas, open_requests, held = await pipe.execute()
+            pipe.zcard(k.deadlines)
+            replies = await pipe.execute()
+        (n, nbytes), first, open_batches, flushes, replicas, open_requests, held, routed = replies
         oldest = None
         if first and int(n or 0) > 0:
             oldest = max(0.0, (at - int(text(first[0][0]).split("-", 1)[0])) / 1000)
@@ -558,6 +575,7 @@ class Store:
             open_batches=int(open_batches),
             open_requests=int(open_requests or 0),
             held_by_queue_cap=bool(held),
+            routed_requests=int(routed),
             replicas=beats,
             alive_replicas=sum(1 for beat in beats.values() if at - beat < dead_after_ms),
         )

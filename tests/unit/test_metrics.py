@@ -33,6 +33,7 @@ QUEUE_FAMILIES = (
     "batchd_open_batches",
     "batchd_api_queue_requests",
     "batchd_held_by_queue_cap",
+    "batchd_routed_requests",
     "batchd_replicas",
 )
 
@@ -174,6 +175,7 @@ def snapshot(
         open_batches=open_batches,
         open_requests=open_batches * 100,
         held_by_queue_cap=True,
+        routed_requests=7,
         replicas={f"r{i}": 0 for i in range(alive)},
         alive_replicas=alive,
     )
@@ -192,6 +194,7 @@ def test_queue_gauges_only_when_set() -> None:
     assert value("batchd_open_batches") == 3
     assert value("batchd_api_queue_requests") == 300
     assert value("batchd_held_by_queue_cap") == 1
+    assert value("batchd_routed_requests") == 7
     assert value("batchd_replicas") == 2
     assert "# TYPE batchd_replicas gauge" in exposition()
     queue_gauges.clear()

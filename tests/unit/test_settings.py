@@ -57,6 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "cache_prime_wait_seconds": 900.0,
     "dedupe": False,
     "dedupe_window_seconds": 86_400,
+    "realtime_margin_seconds": 30.0,
+    "realtime_concurrency": 16,
 }
 
 # field -> (environment value, parsed value). One row per setting: test_env_table_covers_every_setting
@@ -102,6 +104,8 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
     "cache_prime_wait_seconds": ("60", 60.0),
     "dedupe": ("true", True),
     "dedupe_window_seconds": ("0", 0),
+    "realtime_margin_seconds": ("90", 90.0),
+    "realtime_concurrency": ("4", 4),
 }
 
 

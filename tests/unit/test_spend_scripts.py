@@ -257,17 +257,6 @@ async def test_finishing_a_batch_forgets_what_it_charged(store: Store) -> None:
     assert not await store.redis.exists(K.billed("b1"))
 
 
-async def test_a_real_time_answer_is_charged_at_standard_prices(store: Store) -> None:
-    await store.scripts.charge(
-        Charge("claude-haiku-4-5", input=10, output=20, cost=110_000_000, standard=110_000_000),
-        tags=TEAM,
-        now=NOW,
-    )
-    row = (await ledger(store))[("claude-haiku-4-5", TEAM.id)]
-    assert (row.requests, row.cost, row.standard) == (1, 110_000_000, 110_000_000)
-    assert await budget(store) == {"*": 110_000_000, "team=search": 110_000_000}
-
-
 # --- budgets ---------------------------------------------------------------------------------------------
 async def test_enqueue_reserves_estimates_per_scope_and_the_final_line_settles_them(store: Store) -> None:
     await enqueue(store, req("a", tags=TEAM, estimate=100_000_000), req("b", estimate=30_000_000))

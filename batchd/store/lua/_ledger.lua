@@ -1,5 +1,5 @@
--- Shared by deliver.lua, enqueue.lua, cancel.lua and charge.lua: scripts.py pastes this file where a script
--- says "--#include _ledger". Amounts are integers in pico-USD, passed as strings and added by HINCRBY (Redis
+-- Shared by deliver.lua, enqueue.lua, cancel.lua and answer_realtime.lua: scripts.py pastes this file
+-- where a script says "--#include _ledger". Amounts are integers in pico-USD, passed as strings and added by HINCRBY (Redis
 -- adds 64-bit integers); only one request's own figures (an estimate, a cost) ever pass through a Lua number.
 
 -- A ledger charge, from its form on the wire: model, input, output, cache writes 5m and 1h, cache reads,

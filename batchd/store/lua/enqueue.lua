@@ -1,15 +1,17 @@
 -- Submit one or more requests atomically (all of the call or none of it).
 -- KEYS[1] intake stream, KEYS[2] queue stats hash, KEYS[3] groups hash, KEYS[4] tag sets hash, KEYS[5]
--- today's budget hash, KEYS[6] today's ledger hash, KEYS[7] ledger days zset, then per request: request
--- hash, result key.
+-- today's budget hash, KEYS[6] today's ledger hash, KEYS[7] ledger days zset, KEYS[8] deadlines zset, then
+-- per request: request hash, result key.
 -- ARGV[1] now (ms), ARGV[2] max queued requests, ARGV[3] max queued bytes, ARGV[4] today (UTC), ARGV[5]
 -- today as YYYYMMDD, ARGV[6] budget TTL (s), ARGV[7] result TTL (s), ARGV[8] dedupe key prefix (the
 -- digest is appended), ARGV[9] the global daily budget (pico-USD, "" for none), ARGV[10] L, then L pairs
 -- (tag scope, its daily budget), then G, then G pairs (group id, its headers JSON), then T, then T pairs
--- (tag set id, its canonical "k=v,..."), then per request (6 each): rid, custom id of attempt 1, params JSON,
--- digest (params and headers), group id ("" for the default headers), and its spend fields: "" when it
--- has none, else tag set id, estimate (pico-USD), prompt-cache prefix id, its TTL (s) and dedupe ("1":
--- follow or reuse an identical request), joined by tabs.
+-- (tag set id, its canonical "k=v,..."), then per request (7 each): rid, custom id of attempt 1, params JSON,
+-- digest (params and headers), group id ("" for the default headers), its spend fields ("" when it has
+-- none, else tag set id, estimate (pico-USD), prompt-cache prefix id, its TTL (s) and dedupe ("1": follow
+-- or reuse an identical request), joined by tabs), and its route ("" for batch, else the records.Route
+-- and the ms it is due in real time, joined by a tab). A realtime or auto_now request never enters intake
+-- (state 'realtime'); an auto one does, and is also listed in the deadlines zset.
 -- Returns {-1, queued_n, queued_bytes} if the caps would be passed, {-2, i} if request i (1-based) reuses
 -- a known request id with other params, {-3, i, scope, spent, limit} if request i's estimate would take a
 -- budget past its limit (nothing written in any of these); else one code per request: 1 queued, 0 that
@@ -39,7 +41,7 @@ for t = 1, ntags do
   tagsets[ARGV[at + (t - 1) * 2 + 1]] = ARGV[at + (t - 1) * 2 + 2]
 end
 local first = at + 2 * ntags  -- the ARGV index before the first request's
-local nreq = (#ARGV - first) / 6
+local nreq = (#ARGV - first) / 7
 local stats = redis.call('HMGET', KEYS[2], 'requests', 'bytes')
 local queued_n = tonumber(stats[1]) or 0
 local queued_bytes = tonumber(stats[2]) or 0
@@ -69,22 +71,27 @@ local primary_of = {}  -- dedupe key -> rid of the request of this call that car
 local reuse = {}  -- i -> {line, model, standard cost}
 local spent, reserve = {}, {}  -- scope -> pico-USD spent before this call / reserved by it
 for i = 1, nreq do
-  local base = first + (i - 1) * 6
+  local base = first + (i - 1) * 7
   local rid, body, digest = ARGV[base + 1], ARGV[base + 3], ARGV[base + 4]
   local s = {tagset = '', est = 0, pfx = '', pttl = '', dedupe = false}
   if ARGV[base + 6] ~= '' then
     local tagset, est, pfx, pttl, dedupe = string.match(ARGV[base + 6], '^([^\t]*)\t(%d+)\t([^\t]*)\t(%d+)\t(%d)$')
     s = {tagset = tagset, est = tonumber(est), pfx = pfx, pttl = pttl, dedupe = dedupe == '1'}
   end
+  if ARGV[base + 7] ~= '' then
+    local route, due = string.match(ARGV[base + 7], '^([%w_]+)\t(%d+)$')
+    s.route, s.due = route, due
+    s.direct = route ~= 'auto'
+  end
   spend[i] = s
-  local req = KEYS[7 + (i - 1) * 2 + 1]
+  local req = KEYS[8 + (i - 1) * 2 + 1]
   local known = seen[rid]
   if not known then
     -- A request answered long ago may keep only its result; its digest went with its record.
     local stored = redis.call('HGET', req, 'digest')
     if stored then
       known = stored
-    elseif redis.call('EXISTS', req) == 1 or redis.call('EXISTS', KEYS[7 + (i - 1) * 2 + 2]) == 1 then
+    elseif redis.call('EXISTS', req) == 1 or redis.call('EXISTS', KEYS[8 + (i - 1) * 2 + 2]) == 1 then
       known = digest
     end
   end
@@ -121,8 +128,10 @@ for i = 1, nreq do
       end
     end
     if codes[i] == 1 then
-      add_n = add_n + 1
-      add_bytes = add_bytes + #body
+      if not s.direct then
+        add_n = add_n + 1
+        add_bytes = add_bytes + #body
+      end
       if s.est > 0 then
         local scopes = scopes_of(s.tagset)
         for _, scope in ipairs(scopes) do
@@ -156,13 +165,17 @@ for id, canonical in pairs(tagsets) do
   redis.call('HSETNX', KEYS[4], id, canonical)
 end
 for i = 1, nreq do
-  local base = first + (i - 1) * 6
+  local base = first + (i - 1) * 7
   local rid, cid, body, digest, group = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4],
     ARGV[base + 5]
   local s = spend[i]
-  local req, res = KEYS[7 + (i - 1) * 2 + 1], KEYS[7 + (i - 1) * 2 + 2]
+  local req, res = KEYS[8 + (i - 1) * 2 + 1], KEYS[8 + (i - 1) * 2 + 2]
   if codes[i] == 1 then
-    local fields = {'body', body, 'bytes', #body, 'digest', digest, 'state', 'queued', 'attempts', 1, 'enq', now}
+    local state = 'queued'
+    if s.direct then
+      state = 'realtime'
+    end
+    local fields = {'body', body, 'bytes', #body, 'digest', digest, 'state', state, 'attempts', 1, 'enq', now}
     local entry = {'rid', rid, 'cid', cid, 'bytes', #body}
     if group ~= '' then
       fields[#fields + 1], fields[#fields + 2] = 'group', group
@@ -186,8 +199,14 @@ for i = 1, nreq do
       redis.call('DEL', s.dd)
       redis.call('HSET', s.dd, 'rid', rid, 'req', req, 'res', res)
     end
+    if s.route then
+      fields[#fields + 1], fields[#fields + 2] = 'route', s.route
+      redis.call('ZADD', KEYS[8], s.due, rid)
+    end
     redis.call('HSET', req, unpack(fields))
-    redis.call('XADD', KEYS[1], '*', unpack(entry))
+    if not s.direct then
+      redis.call('XADD', KEYS[1], '*', unpack(entry))
+    end
   elseif codes[i] == 2 then
     redis.call('HSET', req, 'digest', digest, 'state', 'following', 'enq', now, 'dd', s.dd)
     if s.tagset ~= '' then

@@ -112,8 +112,9 @@ async def _run_mode(
         anthropic_base_url=emu.base_url,
         max_batch_requests=MAX_BATCH_REQUESTS,
         max_batch_age_seconds=0.2,
-        poll_min_seconds=0.1,
-        poll_max_seconds=0.3,
+        poll_interval_seconds=0.1,
+        # The emulator here enforces no rate limit: polling is not stretched to tier 1's budget.
+        api_tier=4,
         metrics_port=0,
         cache_grouping=mode != "off",
         cache_priming=mode == "primed",

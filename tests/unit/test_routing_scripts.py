@@ -12,6 +12,7 @@ from __future__ import annotations
 import orjson
 
 from batchd.store import (
+    CancelOutcome,
     Charge,
     DeliverOutcome,
     Delivery,
@@ -169,3 +170,22 @@ async def test_a_failed_call_is_counted_and_listed_again(store: Store) -> None:
     await store.reschedule_realtime("rt", NOW + 2000)
     claims, _ = await store.scripts.claim_realtime(now_ms=NOW + 2000, limit=10, claim_ms=LEASE_MS)
     assert [c.rid for c in claims] == ["rt"]
+
+
+async def test_a_realtime_request_canceled_before_its_call_releases_its_budget_and_is_never_sent(
+    store: Store,
+) -> None:
+    await enqueue(store, req("rt", estimate=100_000_000, route=Route.REALTIME, due_ms=NOW))
+    line = orjson.dumps({"custom_id": "rt", "result": {"type": "canceled"}})
+    # Its call may already be under way, so the caller is told it may still be billed.
+    assert await store.scripts.cancel("rt", line=line, ttl_seconds=TTL) is CancelOutcome.ANSWERED
+    assert (await budget(store))["*"] == 0
+    claims, next_due = await store.scripts.claim_realtime(now_ms=NOW, limit=10, claim_ms=LEASE_MS)
+    assert (claims, next_due) == ([], None)
+    # A call that was under way answers too late: not delivered, but charged (it was billed).
+    late = await store.scripts.answer_realtime(
+        "rt", line=realtime_line("rt"), charge=STANDARD, ttl_seconds=TTL, now=NOW
+    )
+    assert late.outcome is DeliverOutcome.DUPLICATE
+    assert await store.redis.get(store.keys.result("rt")) == line
+    assert (await budget(store))["*"] == 110_000_000

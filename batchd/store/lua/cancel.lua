@@ -2,9 +2,10 @@
 -- ARGV[1] canceled results line (JSON), ARGV[2] result TTL (s), ARGV[3] pub/sub channel, ARGV[4] rid,
 -- ARGV[5] budget key prefix (the request's budget day is appended), ARGV[6] budget TTL (s).
 -- Returns 1 if it will never reach the API on its behalf (still queued: removed; or deduped onto another
--- request: detached from it), 2 if it may still be processed and billed (already flushed: answered canceled
--- now, and the API's later answer is dropped; or other deduped callers still wait on it: it goes on for
--- them), 0 if it already had its answer, -1 if there is no such request.
+-- request: detached from it), 2 if it may still be processed and billed (already flushed, or routed to real
+-- time, whose call may be under way: answered canceled now, and the API's later answer is dropped; or other
+-- deduped callers still wait on it: it goes on for them), 0 if it already had its answer, -1 if there is no
+-- such request.
 --#include _ledger
 local f = redis.call('HMGET', KEYS[1], 'state', 'bytes', 'cancel', 'est', 'bday', 'tags', 'dd')
 local state = f[1]
@@ -58,14 +59,17 @@ if f[7] then
 end
 
 local code = 2
-if state == 'queued' then
-  code = 1
-  -- Its stream entry stays; commit_flush acknowledges it without moving it.
-  redis.call('HINCRBY', KEYS[3], 'requests', -1)
-  redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(f[2]))
+if state == 'queued' or state == 'realtime' then
+  if state == 'queued' then
+    code = 1
+    -- Its stream entry stays; commit_flush acknowledges it without moving it.
+    redis.call('HINCRBY', KEYS[3], 'requests', -1)
+    redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(f[2]))
+  end
+  -- A routed request may be mid-call (2: it may still be billed; answer_realtime.lua charges it then).
   redis.call('HDEL', KEYS[1], 'body')
   if f[4] then
-    -- Never sent: its budget reservation is released. (A flushed one keeps it until its line settles it.)
+    -- Not sent (yet): its budget reservation is released. (A flushed one keeps it until its line settles it.)
     budget_add(ARGV[5] .. f[5], budget_scopes(KEYS[4], f[6]), -tonumber(f[4]), tonumber(ARGV[6]))
     redis.call('HDEL', KEYS[1], 'est')
   end

@@ -189,7 +189,7 @@ class Daemon:
             # No new callers; the held ones are cut and, with their request ids, collect later.
             with contextlib.suppress(Exception):
                 await self._front.aclose()
-            await self._shutdown(tasks, worker_box[0] if worker_box else None)
+            await self._shutdown(tasks, worker_box[0] if worker_box else None, sender, context, arq_pool)
             with contextlib.suppress(Exception):
                 # Gone from the heartbeat set: the other replicas claim this one's queued entries at once.
                 await self.store.forget_replica(self.consumer)
@@ -257,8 +257,37 @@ class Daemon:
         log.info("received %s: stopping", sig.name)
         self.stop_event.set()
 
-    async def _shutdown(self, tasks: list[asyncio.Task[None]], worker: Any) -> None:
+    async def _shutdown(
+        self,
+        tasks: list[asyncio.Task[None]],
+        worker: Any,
+        sender: RealtimeSender,
+        context: Context,
+        arq_pool: Any,
+    ) -> None:
         grace = self.settings.shutdown_grace_seconds
+        # Real-time calls under way get the same grace as running jobs, side by side; the leases of both
+        # are renewed meanwhile (the heartbeat has stopped), so no other replica takes over work still
+        # running here.
+        draining = asyncio.create_task(sender.drain(grace))
+        renewing = asyncio.create_task(self._renew_while_draining(context, arq_pool, worker))
+        try:
+            await self._drain_jobs(worker, grace)
+            await draining
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+        await _cancel_all(tasks, deadline=5.0)
+
+    async def _renew_while_draining(self, context: Context, arq_pool: Any, worker: Any) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await context.leases.renew()
+                if worker is not None:
+                    await jobs.renew_job_leases(worker, arq_pool, self.keys, self.consumer, lease_s=LEASE_S)
+            await asyncio.sleep(_HEARTBEAT_S)
+
+    async def _drain_jobs(self, worker: Any, grace: float) -> None:
         if worker is not None:
             # Stop picking jobs; let the running ones finish within the grace period, then cancel them
             # (arq puts a cancelled job back in the queue: another replica or the next start runs it).
@@ -271,7 +300,6 @@ class Daemon:
                         "%d jobs still running after %.0fs; cancelling (they re-run later)", len(late), grace
                     )
                     await _cancel_all(list(late), deadline=5.0)
-        await _cancel_all(tasks, deadline=5.0)
 
     async def _supervise(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
         """Run a loop until stop; when it fails, say why and restart it with backoff."""

@@ -67,11 +67,19 @@ class RealtimeSender:
                     wait = min(_TICK_S, max(0.01, (next_due - now) / 1000))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), wait)
-        finally:
-            # A call cut here is claimed again by whichever replica sees it due once its lease lapses.
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            await self.drain(0.0)
+            raise
+        # Stopped: the calls under way go on; the daemon drains them within its grace period.
+
+    async def drain(self, timeout: float) -> None:
+        """Let the calls under way finish within ``timeout`` seconds, then cut the rest: each cut one is
+        listed again at once for another replica (its call may still be billed: see R11)."""
+        if self._tasks and timeout > 0:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _send(self, claim: RealtimeClaim) -> None:
         ctx = self._ctx
@@ -81,6 +89,9 @@ class RealtimeSender:
             try:
                 await self._call_and_answer(claim)
             except asyncio.CancelledError:
+                # Stopping: whoever is up takes it at once, not when this claim lapses.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(ctx.store.reschedule_realtime(claim.rid, now_ms()))
                 raise
             except Exception:
                 # Redis failing mid-answer, say: the claim lapses and the request is sent again.

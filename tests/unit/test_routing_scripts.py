@@ -189,3 +189,28 @@ async def test_a_realtime_request_canceled_before_its_call_releases_its_budget_a
     assert late.outcome is DeliverOutcome.DUPLICATE
     assert await store.redis.get(store.keys.result("rt")) == line
     assert (await budget(store))["*"] == 110_000_000
+
+
+async def test_a_request_answered_before_its_batch_was_created_does_not_count_toward_its_cancel(
+    store: Store,
+) -> None:
+    await enqueue(store, *(req(rid, route=Route.AUTO, due_ms=NOW) for rid in ("a", "b", "c")))
+    await flush(store)
+    # a falls back while its flush waits for its create: the create leaves it out (sent = 2).
+    early = await store.scripts.answer_realtime(
+        "a", line=realtime_line("a"), charge=STANDARD, ttl_seconds=TTL, now=NOW
+    )
+    assert (early.fell_back, early.batch_id) == (0, None)
+    assert [i.rid for i in await store.flush_items("f1")] == ["b", "c"]
+    record = await store.flush("f1")
+    assert record is not None
+    await store.begin_create("f1", sent=2, body_bytes=100, by="r1")
+    await store.record_batch(record, "b1", created_ms=NOW, requests=2, adopted=False)
+    b = await store.scripts.answer_realtime(
+        "b", line=realtime_line("b"), charge=STANDARD, ttl_seconds=TTL, now=NOW
+    )
+    assert (b.fell_back, b.sent, b.batch_all_fell_back) == (1, 2, False)  # c still waits on the batch
+    c = await store.scripts.answer_realtime(
+        "c", line=realtime_line("c"), charge=STANDARD, ttl_seconds=TTL, now=NOW
+    )
+    assert c.batch_all_fell_back

@@ -49,10 +49,14 @@ if state == 'queued' then
   redis.call('HINCRBY', KEYS[3], 'requests', -1)
   redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(f[2]))
 elseif state == 'flushed' and f[6] then
+  -- Counted only once the batch exists: a request answered before the create is left out of its body, so
+  -- the count never reaches `sent` while a request in the batch still waits.
   local flush = ARGV[10] .. f[6]
-  fell = redis.call('HINCRBY', flush, 'fellback', 1)
   local g = redis.call('HMGET', flush, 'sent', 'batch')
-  sent, batch = tonumber(g[1]) or 0, g[2] or ''
+  if g[2] then
+    fell = redis.call('HINCRBY', flush, 'fellback', 1)
+    sent, batch = tonumber(g[1]) or 0, g[2]
+  end
 end
 redis.call('SET', KEYS[2], line, 'NX', 'EX', ttl)
 redis.call('HSET', KEYS[1], 'state', 'done')

@@ -269,23 +269,30 @@ class Daemon:
         # Real-time calls under way get the same grace as running jobs, side by side; the leases of both
         # are renewed meanwhile (the heartbeat has stopped), so no other replica takes over work still
         # running here.
-        draining = asyncio.create_task(sender.drain(grace))
-        renewing = asyncio.create_task(self._renew_while_draining(context, arq_pool, worker))
+        running_jobs = worker is not None and any(not t.done() for t in worker.tasks.values())
+        renewing = None
+        if running_jobs or sender.busy:
+            drained = asyncio.Event()
+            renewing = asyncio.create_task(self._renew_until(drained, context, arq_pool, worker))
         try:
-            await self._drain_jobs(worker, grace)
-            await draining
+            await asyncio.gather(self._drain_jobs(worker, grace), sender.drain(grace))
         finally:
-            renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            if renewing is not None:
+                # Told to stop and cancelled: it ends at its next step either way (a cancellation that
+                # lands inside a Redis call can be lost there), and is never waited for long.
+                drained.set()
+                renewing.cancel()
+                await asyncio.wait({renewing}, timeout=5.0)
         await _cancel_all(tasks, deadline=5.0)
 
-    async def _renew_while_draining(self, context: Context, arq_pool: Any, worker: Any) -> None:
-        while True:
+    async def _renew_until(self, done: asyncio.Event, context: Context, arq_pool: Any, worker: Any) -> None:
+        while not done.is_set():
             with contextlib.suppress(Exception):
                 await context.leases.renew()
                 if worker is not None:
                     await jobs.renew_job_leases(worker, arq_pool, self.keys, self.consumer, lease_s=LEASE_S)
-            await asyncio.sleep(_HEARTBEAT_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), _HEARTBEAT_S)
 
     async def _drain_jobs(self, worker: Any, grace: float) -> None:
         if worker is not None:

@@ -72,6 +72,11 @@ class RealtimeSender:
             raise
         # Stopped: the calls under way go on; the daemon drains them within its grace period.
 
+    @property
+    def busy(self) -> bool:
+        """Real-time calls are under way."""
+        return any(not task.done() for task in self._tasks)
+
     async def drain(self, timeout: float) -> None:
         """Let the calls under way finish within ``timeout`` seconds, then cut the rest: each cut one is
         listed again at once for another replica (its call may still be billed: see R11)."""

@@ -384,7 +384,8 @@ class Scripts:
         """Up to ``limit`` requests due in real time, each pushed back ``claim_ms`` (see
         claim_realtime.lua), and when the next one is due (ms; None: none is listed)."""
         k = self._keys
-        flat = await self._call("claim_realtime", [k.deadlines], [now_ms, limit, claim_ms, k.request("")])
+        args = [now_ms, limit, claim_ms, k.request(""), k.realtime_lease("")]
+        flat = await self._call("claim_realtime", [k.deadlines], args)
         claims = [
             RealtimeClaim(
                 text_of(flat[i]),

@@ -214,3 +214,13 @@ async def test_a_request_answered_before_its_batch_was_created_does_not_count_to
         "c", line=realtime_line("c"), charge=STANDARD, ttl_seconds=TTL, now=NOW
     )
     assert c.batch_all_fell_back
+
+
+async def test_a_request_whose_call_is_under_way_is_due_again_when_its_lease_lapses(store: Store) -> None:
+    """A claim that finds another sender's lease does not push the request back a whole claim: it is due
+    again the moment that lease lapses (so a dead sender is taken over in LEASE_S, not two)."""
+    await enqueue(store, req("rt", route=Route.REALTIME, due_ms=NOW))
+    await store.take_lock(store.keys.realtime_lease("rt"), "other", ms=4000)
+    claims, next_due = await store.scripts.claim_realtime(now_ms=NOW, limit=10, claim_ms=LEASE_MS)
+    assert claims == []
+    assert next_due is not None and NOW + 3000 < next_due <= NOW + 4001

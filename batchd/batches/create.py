@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import AsyncIterable
 
 import anthropic
 from anthropic.types.messages import MessageBatch
 
 from .. import metrics
-from ..batchbody import build_body
+from ..batchbody import body_size, stream_body
 from ..logs import log_event
-from ..store import FlushItem, FlushRecord, FlushState, custom_id_for, now_ms
+from ..store import FlushEntry, FlushRecord, FlushState, custom_id_for, now_ms
 from .context import Context, RetryLater, backoff, retry_after, retryable_status
 from .deliver import deliver_lines
 from .resultline import errored_line
@@ -67,19 +68,24 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         adopted = await _settle_inflight_create(ctx)
         if adopted is not None and adopted[0] == fid:
             return adopted[1]
-        items = await store.flush_items(fid)
+        items = await store.flush_entries(fid)
         if not items:
             await store.mark_flush_empty(fid)
             return FlushState.EMPTY.value
         await _wait_for_queue_room(ctx, fid, len(items))
-        body = build_body((custom_id_for(i.rid, i.attempt).encode(), i.body) for i in items)
+        # The body is streamed from Redis as it is sent (a 250 MB body is never held whole), with its exact
+        # length announced first: if a request's params changed meanwhile the stream breaks off, which the
+        # API sees as a broken upload (FlushChanged, an unknown outcome below), never as a different body.
+        custom_ids = [custom_id_for(i.rid, i.attempt).encode() for i in items]
+        size = body_size((len(cid), i.size) for cid, i in zip(custom_ids, items, strict=True))
+        body = stream_body(custom_ids, store.flush_bodies(items))
         # Betas and the API version are the create call's headers: they apply to the whole batch.
         headers = (await store.batch_headers(flush.group)).http_headers()
         # From here until the outcome is known, this is the one create that may be unrecorded.
-        await store.begin_create(fid, sent=len(items), body_bytes=len(body), by=ctx.replica)
+        await store.begin_create(fid, sent=len(items), body_bytes=size, by=ctx.replica)
         metrics.API_REQUESTS.labels(op="create").inc()
         try:
-            batch = await _create(ctx, body, headers)
+            batch = await _create(ctx, body, size, headers)
         except anthropic.APIStatusError as exc:
             metrics.count_api_error("create", exc)
             if retryable_status(exc.status_code):
@@ -138,7 +144,9 @@ async def _wait_for_queue_room(ctx: Context, fid: str, requests: int) -> None:
     raise RetryLater(ctx.settings.poll_interval_seconds, "the API's processing queue is full")
 
 
-async def _create(ctx: Context, body: bytes, headers: dict[str, str]) -> MessageBatch:
+async def _create(
+    ctx: Context, body: AsyncIterable[bytes], size: int, headers: dict[str, str]
+) -> MessageBatch:
     """One batches.create call, bounded in total by create_timeout_seconds (the SDK's timeouts bound each
     read or write, not the whole upload)."""
     async with asyncio.timeout(ctx.settings.create_timeout_seconds):
@@ -150,7 +158,8 @@ async def _create(ctx: Context, body: bytes, headers: dict[str, str]) -> Message
             options={
                 "max_retries": 0,
                 "timeout": ctx.settings.create_timeout_seconds,
-                "headers": {"Content-Type": "application/json", **headers},
+                # The length is known, so the body goes as one sized request, not chunked encoding.
+                "headers": {"Content-Type": "application/json", "Content-Length": str(size), **headers},
             },
         )
 
@@ -251,7 +260,7 @@ async def _record(
     )
 
 
-async def _fail_flush(ctx: Context, fid: str, items: list[FlushItem], exc: anthropic.APIStatusError) -> None:
+async def _fail_flush(ctx: Context, fid: str, items: list[FlushEntry], exc: anthropic.APIStatusError) -> None:
     """A final create error (4xx): every caller in the flush gets the API's error as its answer."""
     error_type = _STATUS_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
     message = getattr(exc, "api_message", None) or f"batch create failed with HTTP {exc.status_code}"

@@ -36,7 +36,7 @@ from .scripts import (
     NewRequest,
     Scripts,
 )
-from .store import FlushItem, QueueSnapshot, SchemaMismatch, Store
+from .store import FlushChanged, FlushEntry, FlushItem, QueueSnapshot, SchemaMismatch, Store
 
 __all__ = [
     "CLIENT_SOCKET_TIMEOUT",
@@ -56,6 +56,8 @@ __all__ = [
     "EnqueueConflict",
     "EnqueueOutcome",
     "EnqueueRefused",
+    "FlushChanged",
+    "FlushEntry",
     "FlushItem",
     "FlushRecord",
     "FlushState",

@@ -50,6 +50,8 @@ SCRIPT_NAMES = (
     "charge",
     "lease",
     "release_lock",
+    "flush_entries",
+    "flush_bodies",
     "rate_slot",
 )
 # A day's budget hash outlives the day: a request is settled against the day it was submitted on, and may
@@ -359,6 +361,19 @@ class Scripts:
     async def rate_slot(self, *, now_ms: int, limit: int, window_ms: int, token: str) -> int:
         """Take a slot of the API call budget: 0 if taken, else the ms until one frees."""
         return int(await self._call("rate_slot", [self._keys.api_window], [now_ms, limit, window_ms, token]))
+
+    async def flush_entries(self, fid: str, rids: Sequence[str]) -> list[tuple[int, int, int]]:
+        """Of ``rids`` (a chunk of flush ``fid``'s), those still waiting in it with their params: (position
+        in ``rids``, attempt, params bytes)."""
+        flat = await self._call("flush_entries", [self._keys.request(rid) for rid in rids], [fid])
+        return [(int(flat[i]) - 1, int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    async def flush_bodies(self, rids: Sequence[str]) -> list[bytes | None]:
+        """The params of each request (None where it has none), in order."""
+        bodies: list[bytes | None] = await self._call(
+            "flush_bodies", [self._keys.request(rid) for rid in rids], []
+        )
+        return bodies
 
     async def release_lock(self, key: str, holder: str) -> bool:
         """Release ``key`` only if ``holder`` still holds it."""

@@ -163,6 +163,9 @@ class DeliverOutcome(IntEnum):
     STALE = -1  # a line for another attempt than the current one, or an unknown request
 
 
+_DELIVER_OUTCOMES = {int(o): o for o in DeliverOutcome}
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One results line for deliver.lua: the request and attempt it answers, and whether it may retry."""
@@ -323,9 +326,10 @@ class Scripts:
                 d.charge.blob() if d.charge is not None else "",
             ]
         flat = await self._call("deliver", keys, args)
+        outcome = _DELIVER_OUTCOMES  # a dict lookup: the enum's own call costs ~2 us a line
         return [
             DeliverReply(
-                DeliverOutcome(int(flat[i])),
+                outcome[int(flat[i])],
                 int(flat[i + 1] or 0),
                 int(flat[i + 2] or 0),
                 int(flat[i + 3]) == 1,

@@ -8,7 +8,7 @@ reads and writes, grouped by record. Callers never spell a key, a field or a sta
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence, Set
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -215,9 +215,10 @@ class Store:
             if ahead is not None:
                 ahead.cancel()
 
-    async def unanswered(self, fid: str) -> list[tuple[str, int]]:
-        """(rid, attempt) of requests still waiting on this flush: no results line reached them."""
-        rids = await self.flush_rids(fid)
+    async def unanswered(self, fid: str, *, settled: Set[str] = frozenset()) -> list[tuple[str, int]]:
+        """(rid, attempt) of requests still waiting on this flush: no results line reached them.
+        ``settled``: requests known not to wait any more (a line just answered them), not read again."""
+        rids = [rid for rid in await self.flush_rids(fid) if rid not in settled]
         out: list[tuple[str, int]] = []
         for chunk in _chunks(rids):
             async with self.redis.pipeline(transaction=False) as pipe:

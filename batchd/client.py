@@ -104,6 +104,10 @@ class AsyncClient:
         self._budgets = budget_limits(settings)
         self._store = Store(redis, Keys(key_prefix or settings.key_prefix))
         self._waiter = ResultWaiter(self._store)
+        # Concurrent submit() calls waiting to be queued together (see _coalesced).
+        self._coalescing: list[tuple[NewRequest, float, asyncio.Future[None]]] = []
+        self._coalescer: asyncio.Task[None] | None = None
+        self._alone: set[asyncio.Task[None]] = set()  # refused parts, each call retried on its own
         self._closed = False
         self.messages = AsyncMessages(self, DEFAULT_RESULT_TIMEOUT)
         self.beta = AsyncBeta(self, DEFAULT_RESULT_TIMEOUT)
@@ -123,6 +127,12 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
+        waiting, self._coalescing = self._coalescing, []
+        for _, _, future in waiting:
+            if not future.done():
+                future.set_exception(
+                    ClientClosed("the batchd client was closed before the request was queued")
+                )
         await self._waiter.close()
         if self._owns_redis:
             await self._redis.aclose(close_connection_pool=True)
@@ -155,19 +165,17 @@ class AsyncClient:
         queue is full, wait up to ``wait`` seconds for room, then raise QueueFull; a request whose estimate
         would pass a daily budget raises BudgetExceeded.
         """
-        ids = None if request_id is None else [request_id]
-        return (
-            await self.submit_many(
-                [params],
-                ids,
-                wait=wait,
-                betas=betas,
-                anthropic_version=anthropic_version,
-                headers=headers,
-                tags=tags,
-                dedupe=dedupe,
-            )
-        )[0]
+        items = self._items(
+            [params],
+            None if request_id is None else [request_id],
+            betas,
+            anthropic_version,
+            headers,
+            tags,
+            dedupe,
+        )
+        await self._coalesced(items[0], wait)
+        return items[0].rid
 
     async def submit_many(
         self,
@@ -189,6 +197,21 @@ class AsyncClient:
         part-way, QueueFull is raised and ``exc.accepted`` holds the ids that were queued (BudgetExceeded
         likewise, when a request's estimate would pass a daily budget).
         """
+        items = self._items(params_list, request_ids, betas, anthropic_version, headers, tags, dedupe)
+        await self._queue_items(items, wait)
+        return [item.rid for item in items]
+
+    def _items(
+        self,
+        params_list: Iterable[Mapping[str, Any]],
+        request_ids: Sequence[str] | None,
+        betas: Sequence[str],
+        anthropic_version: str | None,
+        headers: BatchHeaders | None,
+        tags: Mapping[str, str] | TagSet | None,
+        dedupe: bool | None,
+    ) -> list[NewRequest]:
+        """The requests as queued, every one checked before anything is written."""
         self._check_open()
         if headers is None:
             headers = BatchHeaders(betas=tuple(sorted(set(betas))), anthropic_version=anthropic_version)
@@ -209,10 +232,14 @@ class AsyncClient:
                     f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}"
                 )
         _refuse_conflicting_duplicates(rids, [r.body for r in prepared])
-        items = [
+        return [
             NewRequest(rid, p.body, headers, tag_set, p.estimate, p.prefix, p.prefix_ttl, deduped)
             for rid, p in zip(rids, prepared, strict=True)
         ]
+
+    async def _queue_items(self, items: list[NewRequest], wait: float) -> None:
+        """Queue the requests chunk by chunk, waiting up to ``wait`` for room (else QueueFull)."""
+        cfg = self.settings
         deadline = time.monotonic() + wait
         accepted: list[str] = []
         for chunk in _chunks(items):
@@ -233,12 +260,62 @@ class AsyncClient:
                     raise QueueFull(
                         f"batchd queue is full (BATCHD_MAX_QUEUED_REQUESTS={cfg.max_queued_requests}, "
                         f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}); "
-                        f"{len(accepted)} of {len(rids)} requests were queued",
+                        f"{len(accepted)} of {len(items)} requests were queued",
                         accepted,
                     )
                 await asyncio.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, 1.0)
-        return rids
+
+    async def _coalesced(self, item: NewRequest, wait: float) -> None:
+        """Queue one request together with the others submitted meanwhile in this process: one Lua call
+        per chunk of concurrent ``submit`` calls instead of one each (10,000 concurrent callers would
+        otherwise queue for the pool's connections, a round trip each)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._coalescing.append((item, wait, future))
+        if self._coalescer is None or self._coalescer.done():
+            self._coalescer = asyncio.create_task(self._submit_coalesced(), name="batchd-submit")
+        await future
+
+    async def _submit_coalesced(self) -> None:
+        while self._coalescing:
+            waiting, self._coalescing = self._coalescing, []
+            for start in range(0, len(waiting), _SUBMIT_CHUNK):
+                part = waiting[start : start + _SUBMIT_CHUNK]
+                if len({item.rid for item, _, _ in part}) < len(part):
+                    refused = True  # one id twice: each call gets its own answer (one may conflict)
+                else:
+                    try:
+                        refused = await self._enqueue([item for item, _, _ in part], []) is not None
+                    except (RequestConflict, BudgetExceeded):
+                        refused = True
+                    except BaseException as exc:
+                        for _, _, future in part:
+                            if not future.done():
+                                future.set_exception(exc)
+                        if not isinstance(exc, Exception):
+                            raise
+                        continue
+                if not refused:
+                    for _, _, future in part:
+                        if not future.done():
+                            future.set_result(None)
+                    continue
+                # Refused (queue full, a conflict, a budget): each call on its own, with its own outcome
+                # and its own wait (a request of the part already queued is an idempotent no-op).
+                for item, wait, future in part:
+                    task = asyncio.create_task(self._submit_alone(item, wait, future))
+                    self._alone.add(task)
+                    task.add_done_callback(self._alone.discard)
+
+    async def _submit_alone(self, item: NewRequest, wait: float, future: asyncio.Future[None]) -> None:
+        try:
+            await self._queue_items([item], wait)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(None)
 
     def _prepare(self, params: Mapping[str, Any], headers: BatchHeaders) -> _Prepared:
         """The request as stored and sent (its breakpoints raised to 1 h with ``cache_ttl_1h``), once it

@@ -18,12 +18,12 @@ from anthropic.types.messages import MessageBatch
 from .. import metrics
 from ..batchbody import body_size, stream_body
 from ..logs import log_event
-from ..store import FlushEntry, FlushRecord, FlushState, custom_id_for, now_ms
+from ..store import FlushChanged, FlushEntry, FlushRecord, FlushState, custom_id_for, now_ms
 from .context import Context, RetryLater, backoff, retry_after, retryable_status
 from .deliver import deliver_lines
 from .resultline import errored_line
 
-__all__ = ["LIST_LAG_S", "QUEUE_HOLD_NOTE_S", "SETTLE_S", "submit_flush"]
+__all__ = ["LIST_LAG_S", "QUEUE_HOLD_NOTE_S", "SETTLE_S", "WHOLE_BODY_BYTES", "submit_flush"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ LIST_LAG_S = 3.0
 # Statuses that mean the API refused the create outright: nothing was created, the outcome is known.
 _NOT_CREATED_STATUS = frozenset({429, 529})
 _DELIVER_CHUNK = 500
+# Create bodies up to this size are read whole before the call; bigger ones are streamed from Redis as sent.
+WHOLE_BODY_BYTES = 16 * 1024 * 1024
 # How long one queue-cap hold is remembered: outlives the held flushes' retry interval, so the note stays set
 # for as long as any flush keeps being held, and lapses soon after the last one is created.
 QUEUE_HOLD_NOTE_S = 10.0
@@ -78,7 +80,15 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         # API sees as a broken upload (FlushChanged, an unknown outcome below), never as a different body.
         custom_ids = [custom_id_for(i.rid, i.attempt).encode() for i in items]
         size = body_size((len(cid), i.size) for cid, i in zip(custom_ids, items, strict=True))
-        body = stream_body(custom_ids, store.flush_bodies(items))
+        stream = stream_body(custom_ids, store.flush_bodies(items))
+        body: bytes | AsyncIterable[bytes] = stream
+        if size <= WHOLE_BODY_BYTES:
+            # A small body is read whole first, so a create in flight never needs Redis: if Redis dies
+            # meanwhile the batch is still made, and adopted later. Only a big one depends on it mid-upload.
+            try:
+                body = b"".join([part async for part in stream])
+            except FlushChanged as exc:
+                raise RetryLater(0.0, "a request of the flush changed while its body was read") from exc
         # Betas and the API version are the create call's headers: they apply to the whole batch.
         headers = (await store.batch_headers(flush.group)).http_headers()
         # From here until the outcome is known, this is the one create that may be unrecorded.
@@ -145,7 +155,7 @@ async def _wait_for_queue_room(ctx: Context, fid: str, requests: int) -> None:
 
 
 async def _create(
-    ctx: Context, body: AsyncIterable[bytes], size: int, headers: dict[str, str]
+    ctx: Context, body: bytes | AsyncIterable[bytes], size: int, headers: dict[str, str]
 ) -> MessageBatch:
     """One batches.create call, bounded in total by create_timeout_seconds (the SDK's timeouts bound each
     read or write, not the whole upload)."""

@@ -279,22 +279,26 @@ class AsyncClient:
     async def _submit_coalesced(self) -> None:
         while self._coalescing:
             waiting, self._coalescing = self._coalescing, []
-            for start in range(0, len(waiting), _SUBMIT_CHUNK):
-                part = waiting[start : start + _SUBMIT_CHUNK]
-                if len({item.rid for item, _, _ in part}) < len(part):
+            futures = {id(item): (wait, future) for item, wait, future in waiting}
+            # Cut as submit_many cuts (count and bytes); NewRequests are tuples, so look them up by identity.
+            for items in _chunks([item for item, _, _ in waiting]):
+                part = [(item, *futures[id(item)]) for item in items]
+                if len({item.rid for item in items}) < len(items):
                     refused = True  # one id twice: each call gets its own answer (one may conflict)
                 else:
                     try:
-                        refused = await self._enqueue([item for item, _, _ in part], []) is not None
+                        refused = await self._enqueue(items, []) is not None
                     except (RequestConflict, BudgetExceeded):
                         refused = True
-                    except BaseException as exc:
+                    except Exception as exc:
                         for _, _, future in part:
                             if not future.done():
                                 future.set_exception(exc)
-                        if not isinstance(exc, Exception):
-                            raise
                         continue
+                    except BaseException:
+                        for _, _, future in waiting:
+                            future.cancel()
+                        raise
                 if not refused:
                     for _, _, future in part:
                         if not future.done():

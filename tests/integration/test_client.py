@@ -41,6 +41,7 @@ from batchd import (
     RequestTooLarge,
     ResultTimeout,
 )
+from batchd import client as client_module
 from batchd.settings import Settings
 from batchd.store import (
     DeliverOutcome,
@@ -282,6 +283,12 @@ async def test_concurrent_submits_are_queued_together(
 
     assert len(set(rids)) == 1200 and len(await stream(store)) == 1200
     assert sum(calls) == 1200 and len(calls) <= 4  # chunks of 500, not a call each
+
+    # Cut by bytes too, as submit_many is: Redis buffers a whole call before it runs it.
+    calls.clear()
+    monkeypatch.setattr(client_module, "_SUBMIT_CHUNK_BYTES", 3 * len(orjson.dumps(params("b0"))))
+    await asyncio.gather(*(client.submit(params(f"b{i}")) for i in range(9)))
+    assert calls == [3, 3, 3]
 
 
 async def test_a_conflict_among_concurrent_submits_fails_only_its_own_caller(

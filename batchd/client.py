@@ -107,6 +107,10 @@ class AsyncClient:
         self._budgets = budget_limits(settings)
         self._store = Store(redis, Keys(key_prefix or settings.key_prefix))
         self._waiter = ResultWaiter(self._store)
+        # Concurrent submit() calls waiting to be queued together (see _coalesced).
+        self._coalescing: list[tuple[NewRequest, float, asyncio.Future[None]]] = []
+        self._coalescer: asyncio.Task[None] | None = None
+        self._alone: set[asyncio.Task[None]] = set()  # refused parts, each call retried on its own
         self._closed = False
         self.messages = AsyncMessages(self, DEFAULT_RESULT_TIMEOUT)
         self.beta = AsyncBeta(self, DEFAULT_RESULT_TIMEOUT)
@@ -126,6 +130,12 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
+        waiting, self._coalescing = self._coalescing, []
+        for _, _, future in waiting:
+            if not future.done():
+                future.set_exception(
+                    ClientClosed("the batchd client was closed before the request was queued")
+                )
         await self._waiter.close()
         if self._owns_redis:
             await self._redis.aclose(close_connection_pool=True)
@@ -166,21 +176,19 @@ class AsyncClient:
         deadline (at once if no batch could meet it). A deadline alone means ``"auto"``. Routes other than
         batch are never deduped.
         """
-        ids = None if request_id is None else [request_id]
-        return (
-            await self.submit_many(
-                [params],
-                ids,
-                wait=wait,
-                betas=betas,
-                anthropic_version=anthropic_version,
-                headers=headers,
-                tags=tags,
-                dedupe=dedupe,
-                route=route,
-                deadline=deadline,
-            )
-        )[0]
+        items = self._items(
+            [params],
+            None if request_id is None else [request_id],
+            betas,
+            anthropic_version,
+            headers,
+            tags,
+            dedupe,
+            route,
+            deadline,
+        )
+        await self._coalesced(items[0], wait)
+        return items[0].rid
 
     async def submit_many(
         self,
@@ -205,6 +213,25 @@ class AsyncClient:
         likewise, when a request's estimate would pass a daily budget). ``route`` and ``deadline`` as for
         ``submit``.
         """
+        items = self._items(
+            params_list, request_ids, betas, anthropic_version, headers, tags, dedupe, route, deadline
+        )
+        await self._queue_items(items, wait)
+        return [item.rid for item in items]
+
+    def _items(
+        self,
+        params_list: Iterable[Mapping[str, Any]],
+        request_ids: Sequence[str] | None,
+        betas: Sequence[str],
+        anthropic_version: str | None,
+        headers: BatchHeaders | None,
+        tags: Mapping[str, str] | TagSet | None,
+        dedupe: bool | None,
+        route: RouteName | None = None,
+        deadline: float | datetime | None = None,
+    ) -> list[NewRequest]:
+        """The requests as queued, every one checked before anything is written."""
         self._check_open()
         routed = routing.plan(route, deadline, self.settings)
         if headers is None:
@@ -229,7 +256,7 @@ class AsyncClient:
                     f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}"
                 )
         _refuse_conflicting_duplicates(rids, [r.body for r in prepared])
-        items = [
+        return [
             NewRequest(
                 rid,
                 p.body,
@@ -244,6 +271,10 @@ class AsyncClient:
             )
             for rid, p in zip(rids, prepared, strict=True)
         ]
+
+    async def _queue_items(self, items: list[NewRequest], wait: float) -> None:
+        """Queue the requests chunk by chunk, waiting up to ``wait`` for room (else QueueFull)."""
+        cfg = self.settings
         deadline = time.monotonic() + wait
         accepted: list[str] = []
         for chunk in _chunks(items):
@@ -264,12 +295,66 @@ class AsyncClient:
                     raise QueueFull(
                         f"batchd queue is full (BATCHD_MAX_QUEUED_REQUESTS={cfg.max_queued_requests}, "
                         f"BATCHD_MAX_QUEUED_BYTES={cfg.max_queued_bytes}); "
-                        f"{len(accepted)} of {len(rids)} requests were queued",
+                        f"{len(accepted)} of {len(items)} requests were queued",
                         accepted,
                     )
                 await asyncio.sleep(min(backoff, remaining))
                 backoff = min(backoff * 2, 1.0)
-        return rids
+
+    async def _coalesced(self, item: NewRequest, wait: float) -> None:
+        """Queue one request together with the others submitted meanwhile in this process: one Lua call
+        per chunk of concurrent ``submit`` calls instead of one each (10,000 concurrent callers would
+        otherwise queue for the pool's connections, a round trip each)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._coalescing.append((item, wait, future))
+        if self._coalescer is None or self._coalescer.done():
+            self._coalescer = asyncio.create_task(self._submit_coalesced(), name="batchd-submit")
+        await future
+
+    async def _submit_coalesced(self) -> None:
+        while self._coalescing:
+            waiting, self._coalescing = self._coalescing, []
+            futures = {id(item): (wait, future) for item, wait, future in waiting}
+            # Cut as submit_many cuts (count and bytes); NewRequests are tuples, so look them up by identity.
+            for items in _chunks([item for item, _, _ in waiting]):
+                part = [(item, *futures[id(item)]) for item in items]
+                if len({item.rid for item in items}) < len(items):
+                    refused = True  # one id twice: each call gets its own answer (one may conflict)
+                else:
+                    try:
+                        refused = await self._enqueue(items, []) is not None
+                    except (RequestConflict, BudgetExceeded):
+                        refused = True
+                    except Exception as exc:
+                        for _, _, future in part:
+                            if not future.done():
+                                future.set_exception(exc)
+                        continue
+                    except BaseException:
+                        for _, _, future in waiting:
+                            future.cancel()
+                        raise
+                if not refused:
+                    for _, _, future in part:
+                        if not future.done():
+                            future.set_result(None)
+                    continue
+                # Refused (queue full, a conflict, a budget): each call on its own, with its own outcome
+                # and its own wait (a request of the part already queued is an idempotent no-op).
+                for item, wait, future in part:
+                    task = asyncio.create_task(self._submit_alone(item, wait, future))
+                    self._alone.add(task)
+                    task.add_done_callback(self._alone.discard)
+
+    async def _submit_alone(self, item: NewRequest, wait: float, future: asyncio.Future[None]) -> None:
+        try:
+            await self._queue_items([item], wait)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(None)
 
     def _prepare(self, params: Mapping[str, Any], headers: BatchHeaders) -> _Prepared:
         """The request as stored and sent (its breakpoints raised to 1 h with ``cache_ttl_1h``), once it

@@ -164,6 +164,7 @@ class Daemon:
                 lease_s=LEASE_S,
             )
             worker_box[:] = [worker]
+            scheduler.wake = worker.wake  # a job enqueued here runs at once, however idle the worker was
             await worker.async_run()
 
         tasks = [

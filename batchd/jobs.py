@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 from arq import cron
@@ -29,7 +31,7 @@ from .batches import Context, RetryLater
 from .leases import LEASE_S
 from .store import Keys, connection_pool
 
-__all__ = ["ArqScheduler", "abandon_worker", "build_worker", "connect"]
+__all__ = ["ArqScheduler", "JobWorker", "abandon_worker", "build_worker", "connect"]
 
 # Generous: a run of each is short, but a job retries (RetryLater) for as long as the batch is open.
 _MANY_TRIES = 1_000_000
@@ -101,20 +103,61 @@ def connect(redis_url: str, keys: Keys) -> ArqRedis:
 
 
 class ArqScheduler:
-    """batches.Scheduler on arq."""
+    """batches.Scheduler on arq. ``wake`` (set by the daemon) tells this process's worker a job is waiting."""
 
     def __init__(self, pool: ArqRedis, queue_name: str) -> None:
         self.pool = pool
         self.queue_name = queue_name
+        self.wake: Callable[[], None] = lambda: None
 
     async def submit(self, fid: str) -> None:
         await self.pool.enqueue_job("submit_flush", fid, _job_id=f"submit:{fid}", _queue_name=self.queue_name)
+        self.wake()
 
     async def fanout(self, batch_id: str) -> bool:
         job = await self.pool.enqueue_job(
             "fanout_results", batch_id, _job_id=f"fanout:{batch_id}", _queue_name=self.queue_name
         )
+        self.wake()
         return job is not None
+
+
+# The worker looks at its queue every _BUSY_POLL_S while jobs are about (a batch job ran within _BUSY_FOR_S,
+# or one was just enqueued in this process; the reconcile cron does not count); otherwise every _IDLE_POLL_S.
+# An idle daemon polled 20 times a second: 20 of its ~47 Redis commands a second.
+_BUSY_POLL_S = 0.05
+_IDLE_POLL_S = 1.0
+# Covers the short retries a job asks for (RetryLater of a fraction of a second to a second or two).
+_BUSY_FOR_S = 3.0
+
+
+class JobWorker(Worker):
+    """arq's Worker, looking at its queue at full speed only while jobs are about (see _IDLE_POLL_S)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._woken = False
+        self._looked = 0.0
+        self._busy_until = 0.0
+
+    def wake(self) -> None:
+        """A job was enqueued by this process: look at the queue at the next tick."""
+        self._woken = True
+
+    async def _poll_iteration(self) -> None:
+        now = time.monotonic()
+        next_runs = [job.next_run for job in self.cron_jobs]
+        if self._woken or self.tasks or now < self._busy_until or now - self._looked >= _IDLE_POLL_S:
+            self._woken = False
+            self._looked = now
+            await super()._poll_iteration()
+            crons = {job.name for job in self.cron_jobs}
+            if any(job_id.split(":", 1)[0] not in crons for job_id in self.tasks):
+                self._busy_until = time.monotonic() + _BUSY_FOR_S
+        else:
+            await self.heart_beat()  # cron jobs are enqueued here; the health key is written hourly
+        if [job.next_run for job in self.cron_jobs] != next_runs:
+            self._woken = True  # a cron job was just enqueued: run it now
 
 
 def _context(ctx: dict[str, Any]) -> Context:
@@ -157,7 +200,7 @@ def build_worker(
     job_timeout: float = 900.0,
     lease_s: float = 15.0,
     reconcile_every_s: int = 5,
-) -> Worker:
+) -> JobWorker:
     """An arq Worker for the batch jobs. Signals are the daemon's business, not arq's."""
     functions = [
         func(_submit_flush, name="submit_flush", max_tries=_MANY_TRIES, keep_result=0, timeout=job_timeout),
@@ -166,7 +209,7 @@ def build_worker(
         ),
     ]
     seconds = set(range(0, 60, max(1, reconcile_every_s)))
-    worker = Worker(
+    worker = JobWorker(
         functions,
         cron_jobs=[
             cron(
@@ -181,7 +224,7 @@ def build_worker(
         queue_name=queue_name,
         handle_signals=False,
         max_jobs=max_jobs,
-        poll_delay=0.05,
+        poll_delay=_BUSY_POLL_S,
         keep_result=0,
         ctx={"batchd": context},
         job_serializer=_dumps,

@@ -303,6 +303,32 @@ def record_usage(model: str, usage: Mapping[str, Any]) -> float | None:
     return record_charge(charge_of({"model": model, "usage": usage}))
 
 
+def record_charges(charges: Iterable[Charge]) -> None:
+    """``record_charge`` for many answers (a fan-out chunk): summed first, so each counter is incremented
+    once per model and kind rather than once per answer."""
+    tokens: dict[tuple[str, str], int] = {}
+    money: dict[str, list[int]] = {}
+    for charge in charges:
+        label = charge.model if charge.priced else OTHER_MODEL
+        for kind, n in (
+            ("input", charge.input),
+            ("output", charge.output),
+            ("cache_write", charge.cache_write_5m + charge.cache_write_1h),
+            ("cache_read", charge.cache_read),
+        ):
+            if n:
+                tokens[label, kind] = tokens.get((label, kind), 0) + n
+        if charge.priced:
+            sums = money.setdefault(label, [0, 0])
+            sums[0] += charge.cost
+            sums[1] += charge.standard - charge.cost
+    for (label, kind), n in tokens.items():
+        TOKENS.labels(model=label, kind=kind).inc(n)
+    for label, (cost, saved) in money.items():
+        COST_USD.labels(model=label).inc(cost / pricing.PICO)
+        SAVINGS_USD.labels(model=label).inc(saved / pricing.PICO)
+
+
 def record_charge(charge: Charge) -> float | None:
     """Count a billed answer's tokens, cost and savings, as the ledger charged it; its batch cost in USD
     (None: unpriced)."""

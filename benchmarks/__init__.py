@@ -1,5 +1,5 @@
-"""batchd benchmarks: run one with ``python -m benchmarks.bench_<name>``; not collected by pytest.
+"""batchd benchmarks: ``python -m benchmarks [--quick] [--only NAME] [--json PATH]``; not collected by pytest.
 
-Each compares batchd against a raw reference measured in the same run and prints ratios, never asserting
-times (see docs/benchmarks.md for the figures and how they were taken).
+Every figure is a ratio against a reference measured in the same run, or a resource bound; nothing here
+asserts times in CI (see docs/performance.md for the figures and how they were taken).
 """

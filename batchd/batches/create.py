@@ -10,19 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import AsyncIterable
 
 import anthropic
 from anthropic.types.messages import MessageBatch
 
 from .. import metrics
-from ..batchbody import build_body
+from ..batchbody import body_size, stream_body
 from ..logs import log_event
-from ..store import FlushItem, FlushRecord, FlushState, custom_id_for, now_ms
+from ..store import FlushChanged, FlushEntry, FlushRecord, FlushState, custom_id_for, now_ms
 from .context import Context, RetryLater, backoff, retry_after, retryable_status
 from .deliver import deliver_lines
 from .resultline import errored_line
 
-__all__ = ["LIST_LAG_S", "QUEUE_HOLD_NOTE_S", "SETTLE_S", "submit_flush"]
+__all__ = ["LIST_LAG_S", "QUEUE_HOLD_NOTE_S", "SETTLE_S", "WHOLE_BODY_BYTES", "submit_flush"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ LIST_LAG_S = 3.0
 # Statuses that mean the API refused the create outright: nothing was created, the outcome is known.
 _NOT_CREATED_STATUS = frozenset({429, 529})
 _DELIVER_CHUNK = 500
+# Create bodies up to this size are read whole before the call; bigger ones are streamed from Redis as sent.
+WHOLE_BODY_BYTES = 16 * 1024 * 1024
 # How long one queue-cap hold is remembered: outlives the held flushes' retry interval, so the note stays set
 # for as long as any flush keeps being held, and lapses soon after the last one is created.
 QUEUE_HOLD_NOTE_S = 10.0
@@ -67,19 +70,32 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         adopted = await _settle_inflight_create(ctx)
         if adopted is not None and adopted[0] == fid:
             return adopted[1]
-        items = await store.flush_items(fid)
+        items = await store.flush_entries(fid)
         if not items:
             await store.mark_flush_empty(fid)
             return FlushState.EMPTY.value
         await _wait_for_queue_room(ctx, fid, len(items))
-        body = build_body((custom_id_for(i.rid, i.attempt).encode(), i.body) for i in items)
+        # The body is streamed from Redis as it is sent (a 250 MB body is never held whole), with its exact
+        # length announced first: if a request's params changed meanwhile the stream breaks off, which the
+        # API sees as a broken upload (FlushChanged, an unknown outcome below), never as a different body.
+        custom_ids = [custom_id_for(i.rid, i.attempt).encode() for i in items]
+        size = body_size((len(cid), i.size) for cid, i in zip(custom_ids, items, strict=True))
+        stream = stream_body(custom_ids, store.flush_bodies(items))
+        body: bytes | AsyncIterable[bytes] = stream
+        if size <= WHOLE_BODY_BYTES:
+            # A small body is read whole first, so a create in flight never needs Redis: if Redis dies
+            # meanwhile the batch is still made, and adopted later. Only a big one depends on it mid-upload.
+            try:
+                body = b"".join([part async for part in stream])
+            except FlushChanged as exc:
+                raise RetryLater(0.0, "a request of the flush changed while its body was read") from exc
         # Betas and the API version are the create call's headers: they apply to the whole batch.
         headers = (await store.batch_headers(flush.group)).http_headers()
         # From here until the outcome is known, this is the one create that may be unrecorded.
-        await store.begin_create(fid, sent=len(items), body_bytes=len(body), by=ctx.replica)
+        await store.begin_create(fid, sent=len(items), body_bytes=size, by=ctx.replica)
         metrics.API_REQUESTS.labels(op="create").inc()
         try:
-            batch = await _create(ctx, body, headers)
+            batch = await _create(ctx, body, size, headers)
         except anthropic.APIStatusError as exc:
             metrics.count_api_error("create", exc)
             if retryable_status(exc.status_code):
@@ -138,7 +154,9 @@ async def _wait_for_queue_room(ctx: Context, fid: str, requests: int) -> None:
     raise RetryLater(ctx.settings.poll_interval_seconds, "the API's processing queue is full")
 
 
-async def _create(ctx: Context, body: bytes, headers: dict[str, str]) -> MessageBatch:
+async def _create(
+    ctx: Context, body: bytes | AsyncIterable[bytes], size: int, headers: dict[str, str]
+) -> MessageBatch:
     """One batches.create call, bounded in total by create_timeout_seconds (the SDK's timeouts bound each
     read or write, not the whole upload)."""
     async with asyncio.timeout(ctx.settings.create_timeout_seconds):
@@ -150,7 +168,8 @@ async def _create(ctx: Context, body: bytes, headers: dict[str, str]) -> Message
             options={
                 "max_retries": 0,
                 "timeout": ctx.settings.create_timeout_seconds,
-                "headers": {"Content-Type": "application/json", **headers},
+                # The length is known, so the body goes as one sized request, not chunked encoding.
+                "headers": {"Content-Type": "application/json", "Content-Length": str(size), **headers},
             },
         )
 
@@ -251,7 +270,7 @@ async def _record(
     )
 
 
-async def _fail_flush(ctx: Context, fid: str, items: list[FlushItem], exc: anthropic.APIStatusError) -> None:
+async def _fail_flush(ctx: Context, fid: str, items: list[FlushEntry], exc: anthropic.APIStatusError) -> None:
     """A final create error (4xx): every caller in the flush gets the API's error as its answer."""
     error_type = _STATUS_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
     message = getattr(exc, "api_message", None) or f"batch create failed with HTTP {exc.status_code}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from .. import metrics
 from ..logs import log_event
 from ..store import BatchState, custom_id_for
 from .context import Context, RetryLater, backoff
-from .deliver import deliver_lines
+from .deliver import Prepared, deliver_lines, deliver_prepared, prepare_lines
 from .lost import note_missing
 from .resultline import expired_line
 
@@ -58,26 +59,46 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
     cursor = record.cursor if record is not None else 0
     resumed = cursor > 0
     lineno = 0
+    # Requests a line of this download settled: only the others need their state read afterwards.
+    settled: set[str] = set()
     metrics.API_REQUESTS.labels(op="results").inc()
     try:
         headers = (await store.batch_headers(record.group)).http_headers() if record is not None else {}
         async with _results_stream(ctx, batch_id, headers) as response:
             metrics.count_api_success("results")
             pending: list[bytes] = []
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                lineno += 1
-                if lineno <= cursor:
-                    continue
-                pending.append(line.encode())
-                if len(pending) >= _DELIVER_CHUNK:
-                    await deliver_lines(ctx, pending, batch_id=batch_id)
-                    await store.set_cursor(batch_id, lineno)
-                    pending = []
-            if pending:
-                await deliver_lines(ctx, pending, batch_id=batch_id)
-                await store.set_cursor(batch_id, lineno)
+            # One chunk is delivered (Redis runs its script) while the next is read and parsed here: the two
+            # halves overlap. Chunks still land, and the cursor still moves, one at a time and in order.
+            inflight: asyncio.Task[None] | None = None
+
+            async def deliver(prepared: Prepared, upto: int) -> None:
+                await deliver_prepared(ctx, prepared, batch_id=batch_id, settled=settled)
+                await store.set_cursor(batch_id, upto)
+
+            try:
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    lineno += 1
+                    if lineno <= cursor:
+                        continue
+                    pending.append(line.encode())
+                    if len(pending) >= _DELIVER_CHUNK:
+                        prepared = prepare_lines(pending)
+                        pending = []
+                        if inflight is not None:
+                            await inflight
+                        inflight = asyncio.create_task(deliver(prepared, lineno))
+                if inflight is not None:
+                    await inflight
+                    inflight = None
+                if pending:
+                    await deliver(prepare_lines(pending), lineno)
+            finally:
+                if inflight is not None and not inflight.done():
+                    inflight.cancel()
+                    with contextlib.suppress(BaseException):
+                        await inflight
     except anthropic.NotFoundError as exc:
         metrics.count_api_error("results", exc)
         if record is not None and await note_missing(ctx, record):
@@ -92,7 +113,9 @@ async def fanout_results(ctx: Context, batch_id: str) -> str:
         errors = await store.count_download_error(batch_id)
         raise RetryLater(backoff(errors), "results stream broke off") from exc
 
-    unanswered = await store.unanswered(record.fid) if record is not None and record.fid else []
+    unanswered = (
+        await store.unanswered(record.fid, settled=settled) if record is not None and record.fid else []
+    )
     if unanswered and resumed:
         await store.set_cursor(batch_id, 0)
         raise RetryLater(

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import logging
 import math
+import mmap
 import random
 from collections.abc import Callable
 
@@ -29,6 +30,8 @@ __all__ = ["BATCH_BODY_LIMIT", "MESSAGES_BODY_LIMIT", "STATE", "create_app"]
 log = logging.getLogger(__name__)
 
 BATCH_BODY_LIMIT = 256 * 1024 * 1024  # 268435456 bytes, the documented batch size limit
+# Sized create bodies from this size up are read into anonymous pages (see _read_batch_body).
+_MAPPED_BODY_BYTES = 1024 * 1024
 MESSAGES_BODY_LIMIT = 32 * 1024 * 1024  # the Messages API's own limit
 
 STATE = web.AppKey("batchd_emulator_state", EmulatorState)
@@ -203,6 +206,29 @@ async def _read_body(request: web.Request, limit: int) -> bytearray:
                 raise _too_large(limit)
         return grown
     body = bytearray(length)
+    await _fill(request, body, length)
+    return body
+
+
+async def _read_batch_body(request: web.Request, limit: int) -> bytearray | mmap.mmap:
+    """As _read_body, but a sized body goes into anonymous memory pages, which compile_batch gives back to
+    the system as it compiles the requests in them (so a 256 MB create peaks near the body plus its table,
+    not twice the body)."""
+    length = request.content_length
+    if length is None or length < _MAPPED_BODY_BYTES:
+        return await _read_body(request, limit)
+    if length > limit:
+        raise _too_large(limit)
+    body = mmap.mmap(-1, length)
+    try:
+        await _fill(request, body, length)
+    except BaseException:
+        body.close()
+        raise
+    return body
+
+
+async def _fill(request: web.Request, body: bytearray | mmap.mmap, length: int) -> None:
     with memoryview(body) as view:
         filled = 0
         while filled < length and (chunk := await request.content.readany()):
@@ -210,7 +236,6 @@ async def _read_body(request: web.Request, limit: int) -> bytearray:
             filled += len(chunk)
     if filled < length:
         raise ApiError(400, "invalid_request_error", "Request body ended before its Content-Length")
-    return body
 
 
 def _limit(request: web.Request) -> int:
@@ -252,7 +277,7 @@ async def _create_batch(request: web.Request) -> web.StreamResponse:
     config, stats = state.config, state.store.stats
     meta = _batch_meta(request)
     try:
-        body = await _read_body(request, BATCH_BODY_LIMIT)
+        body = await _read_batch_body(request, BATCH_BODY_LIMIT)
         # Its own generator, seeded from the shared one, keeps draws reproducible although the work
         # runs in a thread (so a 256 MB parse does not stall every other connection).
         batch_rng = random.Random(state.rng.getrandbits(64))
@@ -268,7 +293,7 @@ async def _create_batch(request: web.Request) -> web.StreamResponse:
     except ApiError:
         stats.batches_rejected += 1
         raise
-    del body
+    del body  # the last reference but the compile thread's (a mapped body is unmapped with it)
 
     # Once the API has the whole body, the create no longer depends on the connection: the rest runs as
     # its own task, which a cancelled handler (a client that hung up) does not cancel.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import mmap
 import random
 import re
 from array import array
@@ -102,7 +103,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 def compile_batch(
-    body: bytes | bytearray,
+    body: bytes | bytearray | mmap.mmap,
     *,
     errored_rate: float,
     expired_rate: float,
@@ -119,16 +120,64 @@ def compile_batch(
         return _compile(body, errored_rate, expired_rate, rng, betas, canned)
 
 
+# The tokens that decide where one request of the body ends: a JSON string (escapes included) or a bracket.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')
+_HEAD = re.compile(rb'\s*\{\s*"requests"\s*:\s*\[\s*')
+_TAIL = re.compile(rb"\s*\]\s*\}\s*")
+_SEPARATOR = re.compile(rb"\s*,\s*")
+# Drop the requests already compiled from the front of the body every this many bytes (see _split_compile).
+_RELEASE_BYTES = 16 * 1024 * 1024
+
+
+def _request_bounds(body: bytearray | mmap.mmap) -> array[int] | None:
+    """Where each request of a body shaped ``{"requests": [{...}, ...]}`` starts and ends (start, end,
+    start, end, ...), found without parsing it; None for any other shape (or broken JSON structure), which
+    the whole-body parse then reports as the API would."""
+    head = _HEAD.match(body)
+    if head is None:
+        return None
+    bounds, pos, size = array("q"), head.end(), len(body)
+    if pos < size and body[pos] == 0x5D:  # "]": an empty list
+        return bounds if _TAIL.fullmatch(body, pos) else None
+    tokens = _TOKEN.finditer(body, pos)
+    while True:
+        if pos >= size or body[pos] != 0x7B:  # each request must be an object
+            return None
+        depth, start = 0, pos
+        for token in tokens:
+            char = body[token.start()]
+            if char == 0x22:  # a string: skipped whole
+                continue
+            depth += 1 if char in (0x7B, 0x5B) else -1
+            if depth == 0:
+                pos = token.end()
+                break
+            if depth < 0:
+                return None
+        else:
+            return None
+        bounds.extend((start, pos))
+        separator = _SEPARATOR.match(body, pos)
+        if separator is not None:
+            pos = separator.end()
+            tokens = _TOKEN.finditer(body, pos)
+            continue
+        return bounds if _TAIL.fullmatch(body, pos) else None
+
+
 def _compile(
-    body: bytes | bytearray,
+    body: bytes | bytearray | mmap.mmap,
     errored_rate: float,
     expired_rate: float,
     rng: random.Random,
     betas: Sequence[str],
     canned: Sequence[CannedResponse],
 ) -> RequestTable:
+    if isinstance(body, (bytearray, mmap.mmap)) and (bounds := _request_bounds(body)) is not None:
+        return _split_compile(body, bounds, errored_rate, expired_rate, rng, betas, canned)
     try:
-        doc = orjson.loads(body)
+        # Any other shape is parsed whole (orjson reads no mmap: a copy, for this rare case).
+        doc = orjson.loads(body[:] if isinstance(body, mmap.mmap) else body)
     except orjson.JSONDecodeError as exc:
         raise _bad(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -146,14 +195,80 @@ def _compile(
             f"requests: List should have at most {MAX_REQUESTS} items after validation, not {len(requests)}"
         )
 
-    table = RequestTable()
-    seen: set[str] = set()
-    # One model string object shared by every request naming it, instead of one copy per request.
-    models: dict[str, str] = {}
+    compiler = _Compiler(errored_rate, expired_rate, rng, betas, canned)
     for i in range(len(requests)):
         entry = requests[i]
         # Drop each parsed entry as soon as it is reduced, so peak memory is the parsed body, not twice it.
         requests[i] = None
+        compiler.add(entry, i)
+    return compiler.table
+
+
+def _split_compile(
+    body: bytearray | mmap.mmap,
+    bounds: array[int],
+    errored_rate: float,
+    expired_rate: float,
+    rng: random.Random,
+    betas: Sequence[str],
+    canned: Sequence[CannedResponse],
+) -> RequestTable:
+    """Compile a body one request at a time, giving back the memory of what was compiled as it goes (the
+    pages of a mapped body; the front of a bytearray): the peak is about the body plus its table, never
+    the body plus all of it parsed (3-5x the body)."""
+    count = len(bounds) // 2
+    if not count:
+        raise _bad("requests: List should have at least 1 item after validation, not 0")
+    if count > MAX_REQUESTS:
+        raise _bad(f"requests: List should have at most {MAX_REQUESTS} items after validation, not {count}")
+    compiler = _Compiler(errored_rate, expired_rate, rng, betas, canned)
+    dropped = 0  # bytes deleted from the front of a bytearray body / pages of a mapped one given back
+    mapped = isinstance(body, mmap.mmap)
+    for i in range(count):
+        start, end = bounds[2 * i], bounds[2 * i + 1]
+        if not mapped:
+            start, end = start - dropped, end - dropped
+        try:
+            entry = orjson.loads(body[start:end])
+        except orjson.JSONDecodeError as exc:
+            raise _bad(f"Request body is not valid JSON: {exc}") from None
+        compiler.add(entry, i)
+        if mapped:
+            done = end - end % mmap.PAGESIZE
+            if done - dropped >= _RELEASE_BYTES:
+                assert isinstance(body, mmap.mmap)
+                body.madvise(mmap.MADV_DONTNEED, dropped, done - dropped)  # anonymous pages: freed at once
+                dropped = done
+        elif end >= _RELEASE_BYTES:
+            # bytearray deletes from the front in place and gives the memory back as it shrinks.
+            assert isinstance(body, bytearray)
+            del body[:end]
+            dropped += end
+    return compiler.table
+
+
+class _Compiler:
+    """Reduces one parsed request after another to a row of the table."""
+
+    def __init__(
+        self,
+        errored_rate: float,
+        expired_rate: float,
+        rng: random.Random,
+        betas: Sequence[str],
+        canned: Sequence[CannedResponse],
+    ) -> None:
+        self.table = RequestTable()
+        self.seen: set[str] = set()
+        # One model string object shared by every request naming it, instead of one copy per request.
+        self.models: dict[str, str] = {}
+        self.errored_rate, self.expired_rate, self.rng = errored_rate, expired_rate, rng
+        self.betas, self.canned = betas, canned
+
+    def add(self, entry: object, i: int) -> None:
+        table, seen, models = self.table, self.seen, self.models
+        errored_rate, expired_rate, rng = self.errored_rate, self.expired_rate, self.rng
+        betas, canned = self.betas, self.canned
         custom_id = _custom_id(entry, i)
         if custom_id in seen:
             raise _bad(
@@ -161,6 +276,7 @@ def _compile(
                 "custom_ids must be unique within a batch"
             )
         seen.add(custom_id)
+        assert isinstance(entry, dict)  # _custom_id proved it
         params = entry.get("params")
         if params is None:
             raise _bad(f"requests.{i}.params: Field required")
@@ -172,7 +288,7 @@ def _compile(
             ans = answer(params, betas=betas, in_batch=True, canned=canned)
         except ParamError as exc:
             table.append(custom_id, Kind.INVALID, str(exc), "", 0, 0)
-            continue
+            return
         model = models.setdefault(ans.model, ans.model)
         if draw < errored_rate:
             # Half and half between the two server-side error types, decided by the same draw.
@@ -186,7 +302,6 @@ def _compile(
             if ans.cache is not None:
                 table.cache_keys[len(table)] = ans.cache
             table.append(custom_id, Kind.SUCCEEDED, ans.text, model, ans.input_tokens, ans.output_tokens)
-    return table
 
 
 def _custom_id(entry: object, i: int) -> str:

@@ -39,7 +39,7 @@ from .scripts import (
     RealtimeClaim,
     Scripts,
 )
-from .store import FlushItem, QueueSnapshot, SchemaMismatch, Store
+from .store import FlushChanged, FlushEntry, FlushItem, QueueSnapshot, SchemaMismatch, Store
 
 __all__ = [
     "CLIENT_SOCKET_TIMEOUT",
@@ -59,6 +59,8 @@ __all__ = [
     "EnqueueConflict",
     "EnqueueOutcome",
     "EnqueueRefused",
+    "FlushChanged",
+    "FlushEntry",
     "FlushItem",
     "FlushRecord",
     "FlushState",

@@ -7,7 +7,8 @@ reads and writes, grouped by record. Callers never spell a key, a field or a sta
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Sequence, Set
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -31,7 +32,7 @@ from .records import (
 )
 from .scripts import Scripts
 
-__all__ = ["FlushItem", "QueueSnapshot", "SchemaMismatch", "Store"]
+__all__ = ["FlushChanged", "FlushEntry", "FlushItem", "QueueSnapshot", "SchemaMismatch", "Store"]
 
 _READ_CHUNK = 1000
 _T = TypeVar("_T")
@@ -40,6 +41,19 @@ _RECENT_FLUSHES = 50
 
 class SchemaMismatch(Exception):
     """The data under this prefix was written by a batchd with another key layout."""
+
+
+class FlushChanged(Exception):
+    """A request's params went missing or changed while its flush's body was being streamed."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushEntry:
+    """A request still in a flush, without its params: its id, its current attempt and its params' size."""
+
+    rid: str
+    attempt: int
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +180,46 @@ class Store:
                     items.append(FlushItem(rid, int(attempts), bytes(body)))
         return items
 
-    async def unanswered(self, fid: str) -> list[tuple[str, int]]:
-        """(rid, attempt) of requests still waiting on this flush: no results line reached them."""
+    async def flush_entries(self, fid: str) -> list[FlushEntry]:
+        """Every request still waiting in this flush (a canceled one is left out), with the size of its
+        params but not the params: a 100,000-request flush's body is streamed, never held."""
         rids = await self.flush_rids(fid)
+        entries: list[FlushEntry] = []
+        for chunk in _chunks(rids):
+            found = await self.scripts.flush_entries(fid, chunk)
+            entries += [FlushEntry(chunk[i], attempt, size) for i, attempt, size in found]
+        return entries
+
+    async def flush_bodies(
+        self, entries: Sequence[FlushEntry], *, chunk: int = 500
+    ) -> AsyncIterator[list[bytes]]:
+        """The params of ``entries``, ``chunk`` at a time; the next chunk is read while the last one is used
+        (sent). Raises FlushChanged if one is gone or has changed size since ``flush_entries`` (the body's
+        announced length would be wrong)."""
+        parts = [entries[start : start + chunk] for start in range(0, len(entries), chunk)]
+        ahead: asyncio.Task[list[bytes | None]] | None = None
+        try:
+            for i, part in enumerate(parts):
+                if ahead is None:
+                    ahead = asyncio.create_task(self.scripts.flush_bodies([e.rid for e in part]))
+                bodies = await ahead
+                ahead = None
+                if i + 1 < len(parts):
+                    ahead = asyncio.create_task(self.scripts.flush_bodies([e.rid for e in parts[i + 1]]))
+                for entry, body in zip(part, bodies, strict=True):
+                    if body is None or len(body) != entry.size:
+                        raise FlushChanged(
+                            f"the params of {entry.rid} changed while its batch was being sent"
+                        )
+                yield cast("list[bytes]", bodies)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+
+    async def unanswered(self, fid: str, *, settled: Set[str] = frozenset()) -> list[tuple[str, int]]:
+        """(rid, attempt) of requests still waiting on this flush: no results line reached them.
+        ``settled``: requests known not to wait any more (a line just answered them), not read again."""
+        rids = [rid for rid in await self.flush_rids(fid) if rid not in settled]
         out: list[tuple[str, int]] = []
         for chunk in _chunks(rids):
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -41,6 +41,7 @@ from batchd import (
     RequestTooLarge,
     ResultTimeout,
 )
+from batchd import client as client_module
 from batchd.settings import Settings
 from batchd.store import (
     DeliverOutcome,
@@ -265,6 +266,47 @@ async def test_a_known_id_with_other_params_is_a_conflict_and_writes_nothing(
         await client.submit_many([params("x"), params("y")], ["twice", "twice"])
     assert sorted(await aredis.keys("*")) == keys
     assert await client.submit(params("first"), "order-7") == "order-7"  # the same params: idempotent
+
+
+async def test_concurrent_submits_are_queued_together(
+    client: AsyncClient, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    enqueue = store.scripts.enqueue.__func__  # type: ignore[attr-defined]
+
+    async def counted(self: Any, requests: Any, **kwargs: Any) -> Any:
+        calls.append(len(requests))
+        return await enqueue(self, requests, **kwargs)
+
+    monkeypatch.setattr(type(client._store.scripts), "enqueue", counted)
+    rids = await asyncio.gather(*(client.submit(params(f"c{i}")) for i in range(1200)))
+
+    assert len(set(rids)) == 1200 and len(await stream(store)) == 1200
+    assert sum(calls) == 1200 and len(calls) <= 4  # chunks of 500, not a call each
+
+    # Cut by bytes too, as submit_many is: Redis buffers a whole call before it runs it.
+    calls.clear()
+    monkeypatch.setattr(client_module, "_SUBMIT_CHUNK_BYTES", 3 * len(orjson.dumps(params("b0"))))
+    await asyncio.gather(*(client.submit(params(f"b{i}")) for i in range(9)))
+    assert calls == [3, 3, 3]
+
+
+async def test_a_conflict_among_concurrent_submits_fails_only_its_own_caller(
+    client: AsyncClient, store: Store
+) -> None:
+    await client.submit(params("first"), "order-9")
+    outcomes = await asyncio.gather(
+        client.submit(params("a"), "fine-1"),
+        client.submit(params("second"), "order-9"),  # known with other params
+        client.submit(params("b"), "fine-2"),
+        client.submit(params("x"), "twice"),
+        client.submit(params("y"), "twice"),  # the same id as another call, other params
+        return_exceptions=True,
+    )
+    assert outcomes[0] == "fine-1" and outcomes[2] == "fine-2"
+    assert isinstance(outcomes[1], RequestConflict) and outcomes[1].request_id == "order-9"
+    assert sorted(map(type, outcomes[3:]), key=str) == sorted([str, RequestConflict], key=str)
+    assert {e.rid for e in await stream(store)} == {"order-9", "fine-1", "fine-2", "twice"}
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 
 from batchd import AsyncClient, Client, InvalidParams, RequestErrored
 from batchd.batchbody import body_size
+from batchd.batches import create
 from batchd.settings import Settings
 from batchd.store import FlushSummary, Store, custom_id_for
 from tests.daemon_harness import running_daemon
@@ -94,6 +95,22 @@ async def test_bytes_trigger_fires_alone_and_the_body_fits(
     assert [(f.requests, f.trigger) for f in flushes] == [(3, "bytes")]
     assert sent_size <= limit
     assert sent_size + 1 + cid_len + one + len('{"custom_id":"","params":}') > limit
+
+
+async def test_a_big_body_is_streamed_from_redis_chunk_by_chunk(
+    make_settings: Callable[..., Settings], emulator: Any, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(create, "WHOLE_BODY_BYTES", 0)  # every body is "big": streamed as it is sent
+    settings = make_settings(emulator=True, max_batch_requests=1200, max_batch_age_seconds=300)
+    async with running_daemon(settings), AsyncClient(settings=settings) as client:
+        rids = await client.submit_many([params(f"s{i}") for i in range(1200)])  # three chunks of 500
+        results = await asyncio.gather(*(client.result(rid, timeout=60) for rid in rids))
+        assert [r.type for r in results] == ["succeeded"] * 1200
+        [summary] = await recent_flushes(store)
+        flush = await store.flush(summary.fid)
+    sizes = [(len(custom_id_for(rid, 1)), len(orjson.dumps(params(f"s{i}")))) for i, rid in enumerate(rids)]
+    assert flush is not None and flush.body_bytes == body_size(sizes)
+    assert emulator.stats()["requests_received"] == 1200
 
 
 async def test_age_trigger_fires_at_the_oldest_requests_deadline(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import string
+from collections.abc import AsyncIterator, Sequence
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchd.batchbody import EMPTY_BODY_SIZE, body_size, build_body, item_size
+from batchd.batchbody import EMPTY_BODY_SIZE, body_size, build_body, item_size, stream_body
 
 _CID_ALPHABET = string.ascii_letters + string.digits + "_-"
 _CID = st.text(alphabet=_CID_ALPHABET, min_size=1, max_size=64)
@@ -58,3 +60,18 @@ def test_params_bytes_are_embedded_verbatim() -> None:
     # Stored bytes go into the body as they are: no decode/re-encode (key order and spacing survive).
     params = b'{"z":1, "a":"\\u00e9"}'
     assert build_body([(b"r-1", params)]) == b'{"requests":[{"custom_id":"r-1","params":' + params + b"}]}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(_ITEMS, st.integers(min_value=1, max_value=7))
+def test_streamed_body_is_the_built_body(items: list[tuple[str, dict[str, object]]], chunk: int) -> None:
+    encoded = [(cid.encode(), orjson.dumps(params)) for cid, params in items]
+
+    async def chunks() -> AsyncIterator[Sequence[bytes]]:
+        for start in range(0, len(encoded), chunk):
+            yield [params for _, params in encoded[start : start + chunk]]
+
+    async def streamed() -> bytes:
+        return b"".join([part async for part in stream_body([cid for cid, _ in encoded], chunks())])
+
+    assert asyncio.run(streamed()) == build_body(encoded)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import mmap
 import random
 from typing import Any
 
 import orjson
 import pytest
 
+from batchd.emulator import table as table_module
 from batchd.emulator.answers import ParamError, answer, count_tokens, prompt_tokens
 from batchd.emulator.cache import CacheKey, CacheUsage, PromptCache
 from batchd.emulator.config import EmulatorConfig
@@ -149,11 +151,53 @@ def test_compile_shares_one_string_per_model() -> None:
         (b'{"requests": [{"custom_id": "a\\n", "params": {}}]}', "requests.0.custom_id: String should match"),
     ],
 )
-def test_compile_rejects_bad_bodies(raw: bytes, start: str) -> None:
+@pytest.mark.parametrize("buffer", ["bytes", "bytearray", "mmap"])
+def test_compile_rejects_bad_bodies(raw: bytes, start: str, buffer: str) -> None:
     with pytest.raises(ApiError) as info:
-        compile_batch(raw, errored_rate=0, expired_rate=0, rng=random.Random(0))
+        compile_batch(as_buffer(raw, buffer), errored_rate=0, expired_rate=0, rng=random.Random(0))
     assert info.value.status == 400 and info.value.error_type == "invalid_request_error"
     assert info.value.message.startswith(start)
+
+
+def as_buffer(raw: bytes, kind: str) -> bytes | bytearray | mmap.mmap:
+    """A create body as the emulator may hold it: bytes (parsed whole), a bytearray or a mapped buffer
+    (compiled one request at a time)."""
+    if kind == "bytes":
+        return raw
+    if kind == "bytearray":
+        return bytearray(raw)
+    mapped = mmap.mmap(-1, max(1, len(raw)))
+    mapped[: len(raw)] = raw
+    return mapped if len(raw) else mmap.mmap(-1, 1)
+
+
+TRICKY = [
+    {"custom_id": "a", "params": params('braces } { ] [ and "quotes" and \\ backslashes')},
+    {"custom_id": "b", "params": params("unicode: \u00e9\u4e2d \U0001f600", system="s")},
+    {"custom_id": "c", "params": params([{"type": "text", "text": "}]},{"}])},
+    {"custom_id": "d", "params": {"model": "m", "max_tokens": 5, "messages": []}},  # invalid: a row
+]
+
+
+@pytest.mark.parametrize("buffer", ["bytearray", "mmap"])
+@pytest.mark.parametrize("indent", [False, True])
+def test_compiling_request_by_request_gives_the_whole_parse_table(
+    buffer: str, indent: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory is given back every few bytes here, so the release path runs on a small body too.
+    monkeypatch.setattr(table_module, "_RELEASE_BYTES", 64)
+    raw = orjson.dumps({"requests": TRICKY}, option=orjson.OPT_INDENT_2 if indent else 0)
+    whole = compile_batch(raw, errored_rate=0.3, expired_rate=0.2, rng=random.Random(4))
+    split = compile_batch(as_buffer(raw, buffer), errored_rate=0.3, expired_rate=0.2, rng=random.Random(4))
+    for column in ("custom_ids", "kinds", "texts", "models", "input_tokens", "output_tokens", "rich"):
+        assert getattr(split, column) == getattr(whole, column), column
+
+
+def test_a_request_that_is_not_json_inside_the_list_is_a_bad_body() -> None:
+    raw = b'{"requests": [{"custom_id": "a", "params": {"model": tru}}]}'
+    with pytest.raises(ApiError) as info:
+        compile_batch(bytearray(raw), errored_rate=0, expired_rate=0, rng=random.Random(0))
+    assert info.value.message.startswith("Request body is not valid JSON")
 
 
 def test_compile_fault_draws_follow_the_rates() -> None:

@@ -22,6 +22,7 @@ from batchd.store import (
     Delivery,
     EnqueueConflict,
     EnqueueRefused,
+    FlushChanged,
     FlushState,
     IntakeEntry,
     Keys,
@@ -549,6 +550,22 @@ async def test_cancel_queued_removes_it_and_takes_it_off_the_stats(
     # Its params are gone: if its stream entry is flushed later, nothing is sent.
     await commit(store, "f1", await read_entries(store))
     assert [i.rid for i in await store.flush_items("f1")] == ["b"]
+
+
+async def test_flush_entries_size_the_body_and_flush_bodies_stream_it(store: Store) -> None:
+    await queue_and_flush(store, "a", "b", "c")
+    await cancel(store, "b")  # canceled before the create: left out
+    entries = await store.flush_entries("f1")
+    items = await store.flush_items("f1")
+    assert [(e.rid, e.attempt, e.size) for e in entries] == [(i.rid, i.attempt, len(i.body)) for i in items]
+    assert [e.rid for e in entries] == ["a", "c"]
+    assert [b async for chunk in store.flush_bodies(entries, chunk=2) for b in chunk] == [
+        i.body for i in items
+    ]
+    # Params gone while the batch is being sent: the stream breaks off, never sends a shorter body.
+    await store.redis.hdel(K.request("c"), "body")
+    with pytest.raises(FlushChanged):
+        [b async for chunk in store.flush_bodies(entries, chunk=2) for b in chunk]
 
 
 async def test_cancel_flushed_answers_canceled(store: Store) -> None:

@@ -14,14 +14,19 @@
 -- batchd does not know); charged 1 if this call added the line to the ledger; followers: deduped callers
 -- answered with it.
 -- NX and the attempt check make a repeated fan-out harmless: nothing is ever answered twice, and the billed
--- set (SADD) makes sure nothing is charged twice: the API bills every succeeded line once, delivered or not.
+-- set makes sure nothing is charged twice: the API bills every succeeded line once, delivered or not.
 -- Each line stands alone, so a chunk cut short by an error is simply delivered again.
 --#include _ledger
+-- The ledger's and budgets' increments of the whole chunk are summed and written once (flush_deferred).
+deferred = true
 local max_attempts, ttl, channel = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local today, score, budget_prefix, budget_ttl = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 local prefix_prefix, window = ARGV[8], tonumber(ARGV[9])
 local intake, queue_stats, ledger, days = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local tag_sets, billed = KEYS[5], KEYS[6]
+-- Custom ids charged by this call: added to the billed set with the ledger's sums, at the end, so a call
+-- cut short writes neither (its lines are charged when the chunk is delivered again).
+local billed_now, billed_new = {}, {}
 
 local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, cid, charge)
   local f = redis.call('HMGET', req, 'state', 'attempts', 'enq', 'bytes', 'cancel', 'group', 'pfx', 'pttl',
@@ -49,7 +54,9 @@ local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, c
   local c = nil
   if succeeded then
     c = split_charge(charge)
-    if redis.call('SADD', billed, cid) == 1 then
+    if not billed_now[cid] and redis.call('SISMEMBER', billed, cid) == 0 then
+      billed_now[cid] = true
+      billed_new[#billed_new + 1] = cid
       charged = 1
       ledger_charge(ledger, days, today, score, tagset, c, code == 1)
     end
@@ -158,4 +165,8 @@ for i = 1, nlines do
     out[#out + 1] = reply[j]
   end
 end
+if #billed_new > 0 then
+  redis.call('SADD', billed, unpack(billed_new))
+end
+flush_deferred()
 return out

@@ -227,7 +227,9 @@ async def test_a_job_cut_off_by_the_crash_runs_again_soon_after_redis_is_back(
         rid = await client.submit(params("cut off"), "cut-off-1")
 
         async def creating() -> bool:
-            return await daemon.store.inflight_create() is not None
+            # Inside the call: the API holds the body (the rate slot, taken from Redis, is behind it).
+            recorded = await daemon.store.inflight_create() is not None
+            return recorded and bool(emulator.stats()["creates_in_flight"] == 1)
 
         await eventually(creating, timeout=15, interval=0.01)
         aof_server.kill()

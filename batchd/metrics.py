@@ -332,21 +332,8 @@ def record_charges(charges: Iterable[Charge]) -> None:
 def record_charge(charge: Charge) -> float | None:
     """Count a billed answer's tokens, cost and savings, as the ledger charged it; its batch cost in USD
     (None: unpriced)."""
-    label = charge.model if charge.priced else OTHER_MODEL
-    for kind, n in (
-        ("input", charge.input),
-        ("output", charge.output),
-        ("cache_write", charge.cache_write_5m + charge.cache_write_1h),
-        ("cache_read", charge.cache_read),
-    ):
-        if n:
-            TOKENS.labels(model=label, kind=kind).inc(n)
-    if not charge.priced:
-        return None
-    batch = charge.cost / pricing.PICO
-    COST_USD.labels(model=label).inc(batch)
-    SAVINGS_USD.labels(model=label).inc((charge.standard - charge.cost) / pricing.PICO)
-    return batch
+    record_charges([charge])
+    return charge.cost / pricing.PICO if charge.priced else None
 
 
 # --- queue gauges, exported by the metrics leader only ------------------------------------------------------

@@ -11,16 +11,15 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from .errors import InvalidParams
 from .settings import Settings
 from .store import Route
+from .translate import ROUTES
+from .translate import Route as RouteName
 
 __all__ = ["ROUTES", "RouteName", "RoutePlan", "plan"]
-
-RouteName = Literal["batch", "realtime", "auto"]
-ROUTES: tuple[RouteName, ...] = ("batch", "realtime", "auto")
 
 
 class RoutePlan(NamedTuple):

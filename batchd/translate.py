@@ -43,6 +43,7 @@ from .validation import MAX_REQUEST_ID_LEN
 __all__ = [
     "ERROR_STATUS",
     "MAX_BODY_BYTES",
+    "ROUTES",
     "Answer",
     "ApiError",
     "ApiRequest",
@@ -84,7 +85,7 @@ EXPIRED_STATUS = 529
 # Headers that apply to a whole batch and so must travel with the request (issue 12 groups batches by them).
 BATCH_HEADERS = ("anthropic-workspace-id", "anthropic-user-profile-id")
 _BATCHD_HEADERS = frozenset({"batchd-route", "batchd-deadline", "batchd-tags"})
-_ROUTES: tuple[Route, ...] = ("batch", "realtime", "auto")
+ROUTES: tuple[Route, ...] = ("batch", "realtime", "auto")
 
 _BETA = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 _HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII: ids, versions, keys
@@ -325,7 +326,7 @@ def _route(grouped: Mapping[str, list[str]], now: float) -> tuple[Route, float |
     if raw_route is None:
         return ("auto" if deadline is not None else "batch"), deadline
     route = raw_route.lower()
-    if route not in _ROUTES:
+    if route not in ROUTES:
         raise _invalid(f"batchd-route: {raw_route!r} is not one of batch, realtime, auto")
     if route == "auto" and deadline is None:
         raise _invalid("batchd-route: auto needs a batchd-deadline")

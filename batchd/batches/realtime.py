@@ -128,7 +128,11 @@ class RealtimeSender:
             await self._retry(claim, None, type(exc).__name__, line)
             return
         metrics.count_api_success("messages")
-        line = orjson.dumps({"custom_id": cid, "result": {"type": "succeeded", "message": message}})
+        # The API's own bytes, as a batch's results line carries them.
+        line = b'{"custom_id":%s,"result":{"type":"succeeded","message":%s}}' % (
+            orjson.dumps(cid),
+            response.content,
+        )
         await self._answer(claim, line, message)
 
     async def _retry(self, claim: RealtimeClaim, after: float | None, why: str, final: bytes) -> None:
@@ -178,15 +182,9 @@ class RealtimeSender:
 def _error_of(exc: anthropic.APIStatusError, cid: str) -> bytes:
     """The API's error as an errored results line (the front answers it with the matching status)."""
     body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else None
-    if error is None:
-        error = {"type": "api_error", "message": f"HTTP {exc.status_code}"}
-    return orjson.dumps(
-        {
-            "custom_id": cid,
-            "result": {
-                "type": "errored",
-                "error": {"type": "error", "error": error, "request_id": exc.request_id},
-            },
-        }
-    )
+    found = body.get("error")
+    error: dict[str, object] = found if isinstance(found, dict) else {}
+    kind, text = error.get("type"), error.get("message")
+    error_type = kind if isinstance(kind, str) else "api_error"
+    message = text if isinstance(text, str) else f"HTTP {exc.status_code}"
+    return errored_line(cid, error_type, message, exc.request_id)

@@ -177,3 +177,20 @@ async def test_a_replica_killed_mid_realtime_call_is_taken_over_within_seconds(
     assert result.type == "succeeded"
     assert LEASE_S - 1 <= took <= LEASE_S + 5, took
     assert emulator.stats()["realtime_requests"] == 1
+
+
+async def test_a_real_time_refusal_is_the_callers_answer_with_the_apis_error(
+    make_settings: Callable[..., Settings], emulator: Any
+) -> None:
+    """More max_tokens than the model allows is accepted in a batch with the output-300k beta, but refused in
+    real time: routed realtime, the caller gets the API's 400 as an errored result, at once and unpaid."""
+    settings = make_settings(emulator=True, max_batch_age_seconds=0.2)
+    huge = {**params("too long for real time"), "model": "claude-sonnet-4-6", "max_tokens": 200_000}
+    async with running_daemon(settings), AsyncClient(settings=settings) as client:
+        rid = await client.submit(huge, betas=["output-300k-2026-03-24"], route="realtime")
+        result = await client.result(rid, timeout=30)
+    assert result.type == "errored"
+    assert result.error.error.type == "invalid_request_error"  # type: ignore[union-attr]
+    assert "max_tokens" in result.error.error.message  # type: ignore[union-attr]
+    stats = emulator.stats()
+    assert (stats["realtime_requests"], stats["batches_created"]) == (1, 0)

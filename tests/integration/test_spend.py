@@ -66,7 +66,7 @@ async def test_costs_match_the_emulators_usage_priced_by_hand(
     # Retried requests (errored and expired lines) and cut downloads (lines delivered again) must not count
     # twice; a request canceled after its flush is billed by the API and must count once, as undelivered.
     emulator.configure(processing_seconds=1.0)
-    settings = make_settings(emulator=True, max_batch_age_seconds=0.3, max_attempts=5)
+    settings = make_settings(emulator=True, max_batch_age_seconds=0.3)
     async with running_daemon(settings), AsyncClient(settings=settings) as client:
         late = await client.submit(params("canceled once in a batch"), "late", tags={"team": "ads"})
         await eventually(lambda: _created(emulator), what="its batch to be created")

@@ -283,7 +283,7 @@ async def require_replicas(
         # A new connection would acknowledge writes of its own only (or another primary's).
         raise RedisConnectionError("lost the connection of the write before its replication was confirmed")
     wait_ms = max(1, round(timeout * 1000))  # WAIT 0 would wait for ever
-    barrier = ("PUBLISH", f"{keys.tag}:replication-barrier", b"")
+    barrier = ("PUBLISH", keys.replication_barrier, b"")
     await conn.send_packed_command(
         conn.pack_commands([barrier, ("WAIT", replicas, wait_ms)]), check_health=False
     )

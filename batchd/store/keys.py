@@ -140,6 +140,12 @@ class Keys:
         return f"{self.prefix}:res:{{{rid}}}"
 
     @property
+    def replication_barrier(self) -> str:
+        """Pub/sub channel of the barrier a submit sends before WAIT (redis_min_replicas_ack): it brings the
+        connection's replication offset to the primary's current one (see connection.require_replicas)."""
+        return f"{self.tag}:replication-barrier"
+
+    @property
     def delivered_channel(self) -> str:
         """Pub/sub channel: every delivered request id, so one subscriber per process wakes its waiters."""
         return f"{self.tag}:delivered"

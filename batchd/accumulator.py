@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 # Lua's unpack() fails near 8000 arguments; commit_flush unpacks the entry ids of one chunk.
 FLUSH_CHUNK = 5000
 _READ_COUNT = 1000
-# Longest XREADGROUP block: bounds how late a stop request or a claim check is noticed.
-_MAX_BLOCK_S = 1.0
+# Longest XREADGROUP block: bounds how late a claim check (every _CLAIM_EVERY_S) or a stop is noticed; an
+# idle accumulator makes two commands per block (the read and the queue-cap check).
+_MAX_BLOCK_S = 2.0
+_CLAIM_EVERY_S = 2.0
 # How late Redis may wake a blocked XREADGROUP (its timeouts are checked every 1/hz s; hz defaults to 10).
 _REDIS_TIMER_SLACK_MS = 100
 # A consumer that has not touched the stream for this long (and has no fresh heartbeat) is gone.
@@ -226,7 +228,7 @@ class Accumulator:
             await asyncio.sleep(_HELD_PAUSE_S)
             return
         await self._flush_due()
-        if time.monotonic() - self._last_claim >= 2.0:
+        if time.monotonic() - self._last_claim >= _CLAIM_EVERY_S:
             self._last_claim = time.monotonic()
             await self.claim_from_dead()
         block_ms: int | None = int(_MAX_BLOCK_S * 1000)
@@ -256,16 +258,17 @@ class Accumulator:
 
     async def claim_from_dead(self) -> int:
         """Claim the pending entries of consumers whose heartbeat stopped. Live consumers are never robbed."""
+        others = [info for info in await self.store.intake.consumers() if info.name != self.consumer]
+        if not others:
+            return 0
         heartbeats = await self.store.heartbeats()
         now = now_ms()
         claimed = 0
-        for info in await self.store.intake.consumers():
-            if info.name == self.consumer:
-                continue
+        for info in others:
             last = heartbeats.get(info.name)
             if last is not None and now - last < self.dead_after_ms:
                 continue
-            # No (fresh) heartbeat. A live consumer also touches the stream at least every block (1 s), so
+            # No (fresh) heartbeat. A live consumer also touches the stream at least every block (2 s), so
             # require it to be idle too: a replica that started reading before its first heartbeat is safe.
             if info.idle_ms < _CONSUMER_IDLE_MS:
                 continue

@@ -15,12 +15,12 @@ writes then belongs to its deployment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from typing import Any
 
-from arq import cron
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
@@ -31,7 +31,7 @@ from .batches import Context, RetryLater
 from .leases import LEASE_S
 from .store import Keys, connection_pool
 
-__all__ = ["ArqScheduler", "JobWorker", "abandon_worker", "build_worker", "connect"]
+__all__ = ["ArqScheduler", "JobLeases", "JobWorker", "abandon_worker", "build_worker", "connect"]
 
 # Generous: a run of each is short, but a job retries (RetryLater) for as long as the batch is open.
 _MANY_TRIES = 1_000_000
@@ -122,9 +122,10 @@ class ArqScheduler:
         return job is not None
 
 
-# The worker looks at its queue every _BUSY_POLL_S while jobs are about (a batch job ran within _BUSY_FOR_S,
-# or one was just enqueued in this process; the reconcile cron does not count); otherwise every _IDLE_POLL_S.
-# An idle daemon polled 20 times a second: 20 of its ~47 Redis commands a second.
+# The worker looks at its queue every _BUSY_POLL_S while jobs are about (one runs, or one ran within
+# _BUSY_FOR_S); otherwise it sleeps until this process enqueues a job (wake) or _IDLE_POLL_S passes (a job
+# enqueued by another replica, a retry falling due). Each look is a Redis command and a loop wake-up: an
+# idle daemon polling every 50 ms made 20 of its ~47 Redis commands a second.
 _BUSY_POLL_S = 0.05
 _IDLE_POLL_S = 1.0
 # Covers the short retries a job asks for (RetryLater of a fraction of a second to a second or two).
@@ -136,28 +137,26 @@ class JobWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._woken = False
-        self._looked = 0.0
+        self._woken = asyncio.Event()
         self._busy_until = 0.0
+        self.job_runs = 0  # jobs started: the heartbeat's JobLeases writes only when this moved
 
     def wake(self) -> None:
-        """A job was enqueued by this process: look at the queue at the next tick."""
-        self._woken = True
+        """A job was enqueued by this process: look at the queue now."""
+        self._woken.set()
 
     async def _poll_iteration(self) -> None:
-        now = time.monotonic()
-        next_runs = [job.next_run for job in self.cron_jobs]
-        if self._woken or self.tasks or now < self._busy_until or now - self._looked >= _IDLE_POLL_S:
-            self._woken = False
-            self._looked = now
-            await super()._poll_iteration()
-            crons = {job.name for job in self.cron_jobs}
-            if any(job_id.split(":", 1)[0] not in crons for job_id in self.tasks):
-                self._busy_until = time.monotonic() + _BUSY_FOR_S
-        else:
-            await self.heart_beat()  # cron jobs are enqueued here; the health key is written hourly
-        if [job.next_run for job in self.cron_jobs] != next_runs:
-            self._woken = True  # a cron job was just enqueued: run it now
+        if not self.tasks and time.monotonic() >= self._busy_until:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), _IDLE_POLL_S)
+        self._woken.clear()
+        await super()._poll_iteration()
+        if self.tasks:
+            self._busy_until = time.monotonic() + _BUSY_FOR_S
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        self.job_runs += 1
+        await super().run_job(job_id, score)
 
 
 def _context(ctx: dict[str, Any]) -> Context:
@@ -187,10 +186,6 @@ async def _fanout_results(ctx: dict[str, Any], batch_id: str) -> str:
         raise Retry(defer=exc.defer) from exc
 
 
-async def _reconcile(ctx: dict[str, Any]) -> dict[str, int]:
-    return await batches.reconcile(_context(ctx))
-
-
 def build_worker(
     context: Context,
     pool: ArqRedis,
@@ -199,7 +194,6 @@ def build_worker(
     max_jobs: int = 10,
     job_timeout: float = 900.0,
     lease_s: float = 15.0,
-    reconcile_every_s: int = 5,
 ) -> JobWorker:
     """An arq Worker for the batch jobs. Signals are the daemon's business, not arq's."""
     functions = [
@@ -208,18 +202,8 @@ def build_worker(
             _fanout_results, name="fanout_results", max_tries=_MANY_TRIES, keep_result=0, timeout=job_timeout
         ),
     ]
-    seconds = set(range(0, 60, max(1, reconcile_every_s)))
     worker = JobWorker(
         functions,
-        cron_jobs=[
-            cron(
-                _reconcile,
-                name="reconcile",
-                second=seconds,
-                run_at_startup=True,
-                timeout=min(60.0, job_timeout),
-            )
-        ],
         redis_pool=pool,
         queue_name=queue_name,
         handle_signals=False,
@@ -233,27 +217,39 @@ def build_worker(
     )
     # arq marks a job running with an in-progress key that lives for the longest job timeout (+10 s), so a
     # job whose replica dies, or whose finish a Redis outage swallowed, would wait that long to run again.
-    # Make it a lease instead: short, renewed every heartbeat while the job really runs (renew_job_leases).
+    # Make it a lease instead: short, renewed every heartbeat while the job really runs (JobLeases).
     worker.in_progress_timeout_s = lease_s
     return worker
 
 
-async def renew_job_leases(
-    worker: Worker, pool: ArqRedis, keys: Keys, replica: str, *, lease_s: float
-) -> None:
-    """Extend the in-progress lease of every job this replica is running, and note their ids under the
-    replica's name (so a restart under that name frees them at once: release_leftovers)."""
-    running = [job_id for job_id, task in worker.tasks.items() if not task.done()]
-    ms = int(lease_s * 1000)
-    registry = keys.replica_jobs(replica)
-    async with pool.pipeline(transaction=True) as pipe:
-        for job_id in running:
-            pipe.pexpire(in_progress_key_prefix + job_id, ms)
-        pipe.delete(registry)
-        if running:
-            pipe.sadd(registry, *running)
-            pipe.pexpire(registry, ms)
-        await pipe.execute()
+class JobLeases:
+    """Renews, on the heartbeat, the in-progress lease of every job a worker runs, and keeps their ids noted
+    under the replica's name (so a restart under that name frees them at once: release_leftovers). Writes
+    nothing while no job runs, none started since the last renewal and nothing is noted: an idle replica's
+    heartbeat costs no command here."""
+
+    def __init__(self, pool: ArqRedis, keys: Keys, replica: str, *, lease_s: float) -> None:
+        self._pool = pool
+        self._registry = keys.replica_jobs(replica)
+        self._ms = int(lease_s * 1000)
+        self._noted = False
+        self._runs = 0
+
+    async def renew(self, worker: JobWorker) -> None:
+        running = [job_id for job_id, task in worker.tasks.items() if not task.done()]
+        # A job started since the last renewal noted itself (_registered), even if it has ended since.
+        if not running and not self._noted and worker.job_runs == self._runs:
+            return
+        runs = worker.job_runs
+        async with self._pool.pipeline(transaction=True) as pipe:
+            for job_id in running:
+                pipe.pexpire(in_progress_key_prefix + job_id, self._ms)
+            pipe.delete(self._registry)
+            if running:
+                pipe.sadd(self._registry, *running)
+                pipe.pexpire(self._registry, self._ms)
+            await pipe.execute()
+        self._noted, self._runs = bool(running), runs
 
 
 async def release_leftovers(pool: ArqRedis, job_ids: list[str]) -> None:

@@ -3,7 +3,7 @@ stops (a crash, a hang, a lost Redis), so another replica takes the work over wi
 holder is never overtaken however long its work takes.
 
 ``Leases`` holds the locks batchd itself takes (the create lock); the arq job leases are renewed by
-``jobs.renew_job_leases`` on the same heartbeat.
+``jobs.JobLeases`` on the same heartbeat.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["LEASE_S", "Leases"]
 
 log = logging.getLogger(__name__)
 
-# How long a lease outlives its last renewal. The heartbeat renews every second, so this tolerates a
+# How long a lease outlives its last renewal. The heartbeat renews every 2 s, so this tolerates a
 # stalled event loop (a 256 MB body being joined) of well over ten seconds.
 LEASE_S = 15.0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -12,8 +14,10 @@ from .metrics import REGISTRY
 __all__ = ["ops_app", "start_ops_server"]
 
 
-def ops_app(health: Health) -> web.Application:
+def ops_app(health: Health, before_scrape: Callable[[], Awaitable[None]] | None = None) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
+        if before_scrape is not None:
+            await before_scrape()
         # Set the header directly: aiohttp's content_type= refuses a value carrying parameters.
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -32,7 +36,10 @@ def ops_app(health: Health) -> web.Application:
     return app
 
 
-async def start_ops_server(host: str, port: int, health: Health) -> Site:
-    """Serve the ops endpoints on ``host:port`` (port 0: any free port). No access log: a scrape every
-    few seconds would bury the daemon's own lines."""
-    return await serve_app(ops_app(health), host, port)
+async def start_ops_server(
+    host: str, port: int, health: Health, *, before_scrape: Callable[[], Awaitable[None]] | None = None
+) -> Site:
+    """Serve the ops endpoints on ``host:port`` (port 0: any free port); ``before_scrape`` refreshes what
+    is read on demand (the queue gauges). No access log: a scrape every few seconds would bury the daemon's
+    own lines."""
+    return await serve_app(ops_app(health, before_scrape), host, port)

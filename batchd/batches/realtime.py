@@ -34,9 +34,9 @@ __all__ = ["RealtimeSender"]
 
 log = logging.getLogger(__name__)
 
-# The longest the sender sleeps between looks at the deadlines zset: a request routed to real time waits
-# at most this long to be sent (one EVALSHA per look while idle).
-_TICK_S = 0.5
+# A sender sleeps until its next request is due or it is woken ({p}:realtime-wake, published whenever a
+# request is listed or listed again), and looks anyway this often: a lost wake costs at most this long.
+_SAFETY_S = 5.0
 _REASONS = {Route.REALTIME: "route", Route.AUTO: "deadline", Route.AUTO_NOW: "deadline_at_submit"}
 
 
@@ -50,9 +50,14 @@ class RealtimeSender:
 
     async def run(self, stop: asyncio.Event) -> None:
         ctx = self._ctx
+        woken = asyncio.Event()
+        listener = asyncio.create_task(self._listen(woken))
         try:
             while not stop.is_set():
                 self._beat()
+                if listener.done():
+                    listener.result()  # its connection broke: fail, and the supervisor starts again
+                woken.clear()
                 free = ctx.settings.realtime_concurrency - len(self._tasks)
                 now = now_ms()
                 claims, next_due = await ctx.store.scripts.claim_realtime(
@@ -62,15 +67,34 @@ class RealtimeSender:
                     task = asyncio.create_task(self._send(claim))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                wait = _TICK_S
+                    # A call ended: a slot is free, and it may have listed its request again (a retry).
+                    task.add_done_callback(lambda _t: woken.set())
+                wait = _SAFETY_S
                 if next_due is not None and free > len(claims):
-                    wait = min(_TICK_S, max(0.01, (next_due - now) / 1000))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait)
+                    wait = min(wait, max(0.01, (next_due - now) / 1000))
+                await _first_of(stop, woken, timeout=wait)
         except asyncio.CancelledError:
             await self.drain(0.0)
             raise
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
         # Stopped: the calls under way go on; the daemon drains them within its grace period.
+
+    async def _listen(self, woken: asyncio.Event) -> None:
+        """Set ``woken`` on every message of the wake channel (and once subscribed: anything listed before
+        the subscription is seen by the look that follows)."""
+        pubsub = self._ctx.store.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self._ctx.store.keys.realtime_wake)
+            woken.set()
+            while True:
+                # Bounded waits: a read blocked past the connection's socket timeout would fail.
+                if await pubsub.get_message(timeout=_SAFETY_S) is not None:
+                    woken.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @property
     def busy(self) -> bool:
@@ -188,3 +212,13 @@ def _error_of(exc: anthropic.APIStatusError, cid: str) -> bytes:
     error_type = kind if isinstance(kind, str) else "api_error"
     message = text if isinstance(text, str) else f"HTTP {exc.status_code}"
     return errored_line(cid, error_type, message, exc.request_id)
+
+
+async def _first_of(stop: asyncio.Event, woken: asyncio.Event, *, timeout: float) -> None:
+    """Until ``stop`` or ``woken`` is set, or ``timeout`` seconds pass."""
+    waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(woken.wait())}
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

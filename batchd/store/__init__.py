@@ -25,6 +25,7 @@ from .records import (
     utc_day,
 )
 from .scripts import (
+    Beat,
     BudgetLimits,
     BudgetRefused,
     CancelOutcome,
@@ -48,6 +49,7 @@ __all__ = [
     "BatchHeaders",
     "BatchRecord",
     "BatchState",
+    "Beat",
     "BudgetLimits",
     "BudgetRefused",
     "CancelOutcome",

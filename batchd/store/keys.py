@@ -150,6 +150,12 @@ class Keys:
         """Pub/sub channel: every delivered request id, so one subscriber per process wakes its waiters."""
         return f"{self.tag}:delivered"
 
+    @property
+    def realtime_wake(self) -> str:
+        """Pub/sub channel: a request was listed (or listed again) in the deadlines zset, so each replica's
+        real-time sender looks at once rather than at its next safety look."""
+        return f"{self.tag}:realtime-wake"
+
     # --- the API's limits ----------------------------------------------------------------------------------
     @property
     def api_window(self) -> str:

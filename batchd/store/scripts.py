@@ -27,6 +27,7 @@ from .records import BatchHeaders, Charge, IntakeEntry, RequestState, Route, Tri
 __all__ = [
     "BUDGET_TTL_S",
     "SCRIPT_NAMES",
+    "Beat",
     "BudgetLimits",
     "BudgetRefused",
     "CancelOutcome",
@@ -52,6 +53,7 @@ SCRIPT_NAMES = (
     "claim_realtime",
     "answer_realtime",
     "lease",
+    "beat",
     "release_lock",
     "flush_entries",
     "flush_bodies",
@@ -226,6 +228,14 @@ class CancelOutcome(IntEnum):
     ANSWERED = 2  # already in a flush (or others follow it): its caller is answered 'canceled' now
     ALREADY_ANSWERED = 0
     UNKNOWN = -1
+
+
+class Beat(NamedTuple):
+    """What a heartbeat found: ``owner`` False if another process holds the replica's name (it must stop),
+    ``leader`` True if this replica exports the queue gauges."""
+
+    owner: bool
+    leader: bool
 
 
 class Scripts:
@@ -423,6 +433,13 @@ class Scripts:
     async def lease(self, key: str, holder: str, *, ms: int) -> bool:
         """Take or renew the lease ``key`` for ``holder``; False if another holds it."""
         return bool(await self._call("lease", [key], [holder, ms]))
+
+    async def beat(self, replica: str, token: str, *, now_ms: int, name_ms: int, metrics_ms: int) -> Beat:
+        """A replica's heartbeat: renew its name's lease, record the beat, take or renew the metrics lease."""
+        k = self._keys
+        keys = [k.replicas, k.replica_owner(replica), k.metrics_leader]
+        owner, leader = await self._call("beat", keys, [replica, token, now_ms, name_ms, metrics_ms])
+        return Beat(bool(owner), bool(leader))
 
     async def rate_slot(self, *, now_ms: int, limit: int, window_ms: int, token: str) -> int:
         """Take a slot of the API call budget: 0 if taken, else the ms until one frees."""

@@ -486,8 +486,17 @@ class Store:
         return int(await self.redis.hincrby(self.keys.request(rid), "rtfail", 1))  # type: ignore[misc]
 
     async def reschedule_realtime(self, rid: str, at_ms: int) -> None:
-        """List ``rid`` again, due at ``at_ms`` (only while it is listed: an answered one stays dropped)."""
-        await self.redis.zadd(self.keys.deadlines, {rid: at_ms}, xx=True)
+        """List ``rid`` again, due at ``at_ms`` (only while it is listed: an answered one stays dropped), and
+        wake the senders."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.deadlines, {rid: at_ms}, xx=True)
+            pipe.publish(self.keys.realtime_wake, rid)
+            await pipe.execute()
+
+    async def wake_realtime(self) -> None:
+        """Tell every real-time sender that requests were just listed in the deadlines zset. A wake lost (a
+        crash right after the listing) costs at most a sender's safety interval."""
+        await self.redis.publish(self.keys.realtime_wake, "")
 
     async def realtime_pending(self) -> int:
         """Requests listed to go through the real-time API (now or at their deadline)."""
@@ -509,9 +518,6 @@ class Store:
         """At most one reconcile pass per ``ms`` across all replicas."""
         return bool(await self.redis.set(self.keys.reconcile_lock, "1", nx=True, px=ms))
 
-    async def take_metrics_lease(self, holder: str, *, ms: int) -> bool:
-        return await self.scripts.lease(self.keys.metrics_leader, holder, ms=ms)
-
     async def take_poller_lease(self, holder: str, *, ms: int) -> bool:
         return await self.scripts.lease(self.keys.poller_lease, holder, ms=ms)
 
@@ -529,9 +535,6 @@ class Store:
         if holder is None:  # lapsed just now
             return await self.claim_replica(name, token, ms=ms)
         return text(holder)
-
-    async def renew_replica(self, name: str, token: str, *, ms: int) -> bool:
-        return await self.scripts.lease(self.keys.replica_owner(name), token, ms=ms)
 
     async def release_replica(self, name: str, token: str) -> None:
         await self.scripts.release_lock(self.keys.replica_owner(name), token)

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 
 from batchd import AsyncClient
 from batchd.backend import ClientBackend
+from batchd.batches import realtime
 from batchd.front import FrontConfig, serve_front
 from batchd.leases import LEASE_S
 from batchd.settings import Settings
@@ -91,6 +92,37 @@ async def test_a_deadline_a_slow_batch_would_miss_is_met_in_real_time(
     billed, cost, standard = await costs(store)
     # Three real-time answers at standard prices; the canceled batch billed nothing (it processed none).
     assert billed == 3 and cost == standard > 0
+
+
+async def test_the_sender_sleeps_until_a_request_is_listed_or_due(
+    make_settings: Callable[..., Settings], emulator: Any, monkeypatch: Any
+) -> None:
+    """No polling: with its safety look out of reach, an idle sender is woken by the listing of a request
+    routed realtime, and sends one routed auto when its deadline less the margin comes."""
+    asleep = asyncio.Event()
+    first_of = realtime._first_of
+
+    async def watched(stop: asyncio.Event, woken: asyncio.Event, *, timeout: float) -> None:
+        if timeout >= 3600:  # nothing listed: asleep until woken
+            asleep.set()
+        await first_of(stop, woken, timeout=timeout)
+
+    monkeypatch.setattr(realtime, "_SAFETY_S", 3600.0)
+    monkeypatch.setattr(realtime, "_first_of", watched)
+    emulator.configure(processing_seconds=SLOW)
+    settings = make_settings(emulator=True, max_batch_age_seconds=0.2)
+    async with running_daemon(settings), AsyncClient(settings=settings) as client:
+        await asyncio.wait_for(asleep.wait(), 30)
+        message = await client.messages.create(**params("wake up"), route="realtime", timeout=30)
+        assert message.content[0].text == "echo: wake up"  # type: ignore[union-attr]
+        asleep.clear()
+        await asyncio.wait_for(asleep.wait(), 30)
+        started = time.monotonic()
+        rid = await client.submit(params("on time"), deadline=DEADLINE)
+        result = await client.result(rid, timeout=DEADLINE)
+        assert result.type == "succeeded"
+        assert time.monotonic() - started >= DEADLINE - 30 - 0.5  # sent when due, not before
+    assert emulator.stats()["realtime_requests"] == 2
 
 
 async def test_a_deadline_no_batch_could_meet_goes_to_real_time_at_once(

@@ -620,6 +620,32 @@ async def test_release_lock_only_by_its_holder(store: Store) -> None:
     assert await store.take_lock(lock, "f2", ms=60_000)
 
 
+# --- beat -----------------------------------------------------------------------------------------------
+async def test_beat_renews_the_name_records_the_beat_and_takes_the_metrics_lease(store: Store) -> None:
+    beat = await store.scripts.beat("r1", "tok1", now_ms=NOW, name_ms=15_000, metrics_ms=6_000)
+    assert beat.owner and beat.leader
+    assert await store.redis.get(K.replica_owner("r1")) == b"tok1"
+    assert 0 < await store.redis.pttl(K.replica_owner("r1")) <= 15_000
+    assert await store.heartbeats() == {"r1": NOW}
+    assert await store.redis.get(K.metrics_leader) == b"r1"
+    assert 0 < await store.redis.pttl(K.metrics_leader) <= 6_000
+    # Another replica beats: its own name, no metrics lease while r1 holds it.
+    other = await store.scripts.beat("r2", "tok2", now_ms=NOW + 1, name_ms=15_000, metrics_ms=6_000)
+    assert other.owner and not other.leader
+    assert await store.heartbeats() == {"r1": NOW, "r2": NOW + 1}
+    await store.redis.delete(K.metrics_leader)  # as if r1's had lapsed
+    assert (await store.scripts.beat("r2", "tok2", now_ms=NOW + 2, name_ms=15_000, metrics_ms=6_000)).leader
+
+
+async def test_beat_of_a_process_whose_name_another_holds_writes_nothing(store: Store) -> None:
+    await store.scripts.beat("r1", "tok1", now_ms=NOW, name_ms=15_000, metrics_ms=6_000)
+    await store.redis.delete(K.metrics_leader)
+    before = await dump(store.redis)
+    beat = await store.scripts.beat("r1", "impostor", now_ms=NOW + 5, name_ms=15_000, metrics_ms=6_000)
+    assert not beat.owner and not beat.leader
+    assert await dump(store.redis) == before
+
+
 # --- rate_slot -------------------------------------------------------------------------------------------
 async def test_rate_slot_admits_the_limit_per_window_then_says_when_the_oldest_frees(store: Store) -> None:
     take = store.scripts.rate_slot

@@ -5,7 +5,8 @@ The keyword arguments are the SDK's (plus batchd's own ``tags`` and ``dedupe``),
 itself (its own request preparation dumps the pydantic blocks of a previous response passed back in a tool
 loop, reads files, drops NOT_GIVEN), so batchd queues exactly the body the SDK would send. ``betas``, the
 API version, the workspace and the user profile are the batch's headers (``BatchHeaders``), never body
-fields. Results are read as leniently as the SDK's own decoder reads them, so a block type the installed
+fields. Results are read as the SDK's own decoder reads them: validated when they validate (its first
+choice, here without trying every variant of each union), else leniently, so a block type the installed
 SDK does not know still reaches the caller.
 """
 
@@ -213,19 +214,28 @@ def raise_for_result(request_id: str, result: Any) -> Any:
 async def _create(
     client: AsyncClient, kwargs: Mapping[str, Any], *, beta: bool, default_timeout: float | None
 ) -> Any:
+    rid, timeout = await _submit(client, kwargs, default_timeout)
+    line = await client.result_line(rid, timeout)
+    if line is None:
+        raise ResultTimeout(rid, timeout if timeout is not None else float("inf"))
+    return raise_for_result(rid, parse_result(rid, line, beta=beta))
+
+
+async def _submit(
+    client: AsyncClient, kwargs: Mapping[str, Any], default_timeout: float | None
+) -> tuple[str, float | None]:
+    """Queue the call: its request id and how long to wait. The prepared call is not kept while waiting
+    (thousands of waiting callers are that many fewer objects for every pass of Python's GC)."""
     call = await prepare_call(kwargs, default_timeout=default_timeout)
     rid = await client.submit(
         call.params,
         headers=call.headers,
-        tags=call.tags.as_dict(),
+        tags=call.tags,
         dedupe=call.dedupe,
         route=call.route,
         deadline=call.deadline,
     )
-    line = await client.result_line(rid, call.timeout)
-    if line is None:
-        raise ResultTimeout(rid, call.timeout if call.timeout is not None else float("inf"))
-    return raise_for_result(rid, parse_result(rid, line, beta=beta))
+    return rid, call.timeout
 
 
 class AsyncMessages:

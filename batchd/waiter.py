@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Iterable
 
@@ -35,6 +36,9 @@ class ResultWaiter:
         self._sweep_seconds = sweep_seconds
         self._pending: dict[str, list[asyncio.Future[bytes | None]]] = {}
         self._waiting = 0  # the futures in _pending
+        # The timeouts' callback reads no context variable: one empty context (entered by this waiter's
+        # loop only), not a copy of the caller's for each timer.
+        self._timers = contextvars.Context()
         self._to_check: set[str] = set()
         self._check_wanted = asyncio.Event()
         self._subscribed = asyncio.Event()
@@ -62,7 +66,7 @@ class ResultWaiter:
         self._to_check.add(rid)
         self._check_wanted.set()
         # A bare timer that answers None: asyncio.timeout's cancel scope costs twice as much a caller.
-        expiry = None if timeout is None else loop.call_later(timeout, _expire, future)
+        expiry = None if timeout is None else loop.call_later(timeout, _expire, future, context=self._timers)
         try:
             self._ensure_tasks()
             return await future

@@ -98,7 +98,9 @@ async def prepare_call(kwargs: Mapping[str, Any], *, default_timeout: float | No
     if call.get("stream"):
         raise InvalidParams("stream=True: batchd's client answers whole messages; drop stream")
     call.pop("stream", None)
-    params = await async_prepare_request_data(call, location="body")
+    params = _plain_copy(call)
+    if params is None:
+        params = await async_prepare_request_data(call, location="body")
     if not isinstance(params, dict):
         raise InvalidParams("messages.create takes keyword arguments")
     params.update(extra_body)
@@ -173,6 +175,29 @@ def _validated(obj: Any, beta: bool) -> Any:
         return decoder.result.validate_python(result)
     except (ValueError, TypeError):  # pydantic.ValidationError is a ValueError
         return None
+
+
+# orjson refuses (TypeError) dates, dataclasses and subclasses of str, int, dict and list with these, as it
+# does pydantic models, files, NotGiven and sets: the things the SDK's preparation transforms.
+_PLAIN_JSON = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def _plain_copy(call: dict[str, Any]) -> dict[str, Any] | None:
+    """A copy of ``call`` if it is plain JSON data (dicts, lists, strings, numbers, booleans): equal to what
+    the SDK's preparation returns for it, which transforms nothing in such data, at a quarter of the cost.
+    None for anything else, which the SDK prepares."""
+    try:
+        raw = orjson.dumps(call, option=_PLAIN_JSON)
+    except TypeError:
+        return None
+    if b"null" in raw:  # None, or a NaN or infinity (which orjson writes as null) that the checks refuse
+        return None
+    copy: dict[str, Any] = orjson.loads(raw)
+    # Not equal if orjson wrote something the SDK keeps as it is (a tuple as a list, an enum as its value;
+    # a str or int enum is equal to its value, and sent as it either way).
+    return copy if copy == call else None
 
 
 def parse_result(request_id: str, line: bytes, *, beta: bool = False) -> Any:

@@ -1,19 +1,27 @@
-"""messages.py: a results line is read into the very objects the SDK's own decoder builds, whether it takes
-the fast path (validated, each union dispatched on its ``type``) or the SDK's lenient build."""
+"""messages.py: a call's params are what the SDK's own preparation makes of them, whether plain JSON data
+skips it or not; a results line is read into the very objects the SDK's own decoder builds, whether it
+takes the fast path (validated, each union dispatched on its ``type``) or the SDK's lenient build."""
 
 from __future__ import annotations
 
+import datetime
+import enum
+import math
+import uuid
 from typing import Any
 
 import orjson
 import pydantic
 import pytest
+from anthropic import NOT_GIVEN
 from anthropic._models import construct_type_unchecked
+from anthropic._utils._prepare import async_prepare_request_data
+from anthropic.types import TextBlock
 from anthropic.types.beta.messages import BetaMessageBatchIndividualResponse
 from anthropic.types.messages import MessageBatchIndividualResponse
 
 from batchd.errors import RequestFailed
-from batchd.messages import _validated, parse_result
+from batchd.messages import _plain_copy, _validated, parse_result, prepare_call
 
 MESSAGE: dict[str, Any] = {
     "id": "msg_0",
@@ -108,3 +116,50 @@ def test_a_line_reads_as_the_sdk_decoder_reads_it(line: dict[str, Any], fast: bo
 def test_a_line_without_a_result_is_unreadable() -> None:
     with pytest.raises(RequestFailed, match="cannot read"):
         parse_result("r", orjson.dumps({"custom_id": "r-1"}))
+
+
+class Role(enum.StrEnum):
+    USER = "user"
+
+
+class Plain(enum.Enum):
+    ONE = 1
+
+
+def with_message(content: Any) -> dict[str, Any]:
+    return {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": content}]}
+
+
+# (params, whether they are plain JSON data: the SDK's preparation is skipped)
+PARAMS: list[tuple[dict[str, Any], bool]] = [
+    (with_message("hi"), True),
+    (
+        {
+            **with_message([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]),
+            "top_k": 2,
+        },
+        True,
+    ),
+    ({**with_message("hi"), "temperature": 0.5, "stop_sequences": ["a", "b"]}, True),
+    ({**with_message("hi"), "messages": ({"role": "user", "content": "hi"},)}, False),  # a tuple
+    ({**with_message("hi"), "messages": [{"role": Role.USER, "content": "hi"}]}, True),  # equal, same JSON
+    ({**with_message("hi"), "metadata": {"x": Plain.ONE}}, False),
+    ({**with_message("hi"), "system": None}, False),
+    ({**with_message("hi"), "temperature": math.nan}, False),
+    ({**with_message("hi"), "metadata": {"user_id": NOT_GIVEN}}, False),
+    ({**with_message([TextBlock(type="text", text="a block passed back")])}, False),
+    ({**with_message("hi"), "metadata": {"at": datetime.date(2026, 1, 1)}}, False),
+    ({**with_message("hi"), "metadata": {"id": uuid.UUID(int=1)}}, False),
+    ({**with_message("hi"), "metadata": {"tags": {"a"}}}, False),
+]
+
+
+@pytest.mark.parametrize(("params", "plain"), PARAMS)
+async def test_params_are_what_the_sdk_prepares(params: dict[str, Any], plain: bool) -> None:
+    sdk = await async_prepare_request_data(params, location="body")
+    assert (_plain_copy(params) is not None) is plain
+    call = await prepare_call(params, default_timeout=None)
+    assert call.params == sdk
+    assert orjson.dumps(call.params) == orjson.dumps(sdk)
+    if plain:  # a copy: the caller's own containers are never the queued ones
+        assert call.params["messages"] is not params["messages"]

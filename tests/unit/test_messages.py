@@ -105,7 +105,7 @@ def same(a: Any, b: Any, path: str = "$") -> None:
 @pytest.mark.parametrize("beta", [False, True])
 @pytest.mark.parametrize(("line", "fast"), CASES)
 def test_a_line_reads_as_the_sdk_decoder_reads_it(line: dict[str, Any], fast: bool, beta: bool) -> None:
-    kind = BetaMessageBatchIndividualResponse if beta else MessageBatchIndividualResponse
+    kind: Any = BetaMessageBatchIndividualResponse if beta else MessageBatchIndividualResponse
     sdk = construct_type_unchecked(value=orjson.loads(orjson.dumps(line)), type_=kind).result
     assert (_validated(orjson.loads(orjson.dumps(line)), beta) is not None) is fast
     result = parse_result("r", orjson.dumps(line), beta=beta)

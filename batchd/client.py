@@ -154,7 +154,7 @@ class AsyncClient:
         betas: Sequence[str] = (),
         anthropic_version: str | None = None,
         headers: BatchHeaders | None = None,
-        tags: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | TagSet | None = None,
         dedupe: bool | None = None,
         route: RouteName | None = None,
         deadline: float | datetime | None = None,

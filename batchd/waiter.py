@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Iterable
 
@@ -33,11 +34,15 @@ class ResultWaiter:
     def __init__(self, store: Store, *, sweep_seconds: float = 5.0) -> None:
         self._store = store
         self._sweep_seconds = sweep_seconds
-        self._pending: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._pending: dict[str, list[asyncio.Future[bytes | None]]] = {}
+        self._waiting = 0  # the futures in _pending
+        # The timeouts' callback reads no context variable: one empty context (entered by this waiter's
+        # loop only), not a copy of the caller's for each timer.
+        self._timers = contextvars.Context()
         self._to_check: set[str] = set()
         self._check_wanted = asyncio.Event()
         self._subscribed = asyncio.Event()
-        self._fail_fast: set[asyncio.Future[bytes]] = set()
+        self._fail_fast: set[asyncio.Future[bytes | None]] = set()
         self._checked_once = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -51,30 +56,34 @@ class ResultWaiter:
         """
         if self._closing:
             raise ClientClosed("this batchd client is closed")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes | None] = loop.create_future()
         self._pending.setdefault(rid, []).append(future)
+        self._waiting += 1
         if not self._subscribed.is_set():
             # Not listening (yet, or Redis is gone): if the first read fails too, say so at once.
             self._fail_fast.add(future)
         self._to_check.add(rid)
         self._check_wanted.set()
+        # A bare timer that answers None: asyncio.timeout's cancel scope costs twice as much a caller.
+        expiry = None if timeout is None else loop.call_later(timeout, _expire, future, context=self._timers)
         try:
             self._ensure_tasks()
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
-            return None
+            return await future
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self._fail_fast.discard(future)
             waiters = self._pending.get(rid, [])
             if future in waiters:
                 waiters.remove(future)
+                self._waiting -= 1
             if not waiters:
                 self._pending.pop(rid, None)
 
     @property
     def waiting(self) -> int:
-        return sum(len(v) for v in self._pending.values())
+        return self._waiting
 
     def _ensure_tasks(self) -> None:
         if not self._tasks or any(t.done() for t in self._tasks):
@@ -194,8 +203,15 @@ class ResultWaiter:
                             future.set_result(value)
 
     @staticmethod
-    def _fail(pending: dict[str, list[asyncio.Future[bytes]]], error: Callable[[str], BaseException]) -> None:
+    def _fail(
+        pending: dict[str, list[asyncio.Future[bytes | None]]], error: Callable[[str], BaseException]
+    ) -> None:
         for rid, futures in pending.items():
             for future in futures:
                 if not future.done():
                     future.set_exception(error(rid))
+
+
+def _expire(future: asyncio.Future[bytes | None]) -> None:
+    if not future.done():
+        future.set_result(None)

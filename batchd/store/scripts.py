@@ -58,6 +58,7 @@ SCRIPT_NAMES = (
     "flush_entries",
     "flush_bodies",
     "rate_slot",
+    "unknown_requests",
 )
 # A day's budget hash outlives the day: a request is settled against the day it was submitted on, and may
 # be answered days later (attempts x the API's 24 h).
@@ -457,6 +458,13 @@ class Scripts:
             "flush_bodies", [self._keys.request(rid) for rid in rids], []
         )
         return bodies
+
+    async def unknown_requests(self, rids: Sequence[str]) -> list[int]:
+        """The positions in ``rids`` of the requests with neither a record nor an answer."""
+        keys: list[str] = []
+        for rid in rids:
+            keys += [self._keys.request(rid), self._keys.result(rid)]
+        return [int(i) - 1 for i in await self._call("unknown_requests", keys, [])]
 
     async def release_lock(self, key: str, holder: str) -> bool:
         """Release ``key`` only if ``holder`` still holds it."""

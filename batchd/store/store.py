@@ -141,13 +141,9 @@ class Store:
 
     async def known_requests(self, rids: Sequence[str]) -> set[str]:
         """Which of ``rids`` batchd still has a record of (queued, in flight, or answered within the TTL)."""
-        known: set[str] = set()
+        known = set(rids)
         for chunk in _chunks(rids):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for rid in chunk:
-                    pipe.exists(self.keys.request(rid), self.keys.result(rid))
-                counts = await pipe.execute()
-            known.update(rid for rid, n in zip(chunk, counts, strict=True) if n)
+            known.difference_update(chunk[i] for i in await self.scripts.unknown_requests(chunk))
         return known
 
     # --- flushes ------------------------------------------------------------------------------------------

@@ -601,6 +601,16 @@ async def test_cancel_unknown_writes_nothing(store: Store) -> None:
     assert await dump(store.redis) == before
 
 
+# --- unknown_requests ------------------------------------------------------------------------------------
+async def test_unknown_requests_names_those_with_neither_a_record_nor_an_answer(store: Store) -> None:
+    await enqueue(store, [("queued", params())])
+    await store.redis.set(K.result("answered"), b"{}")  # its record expired first
+    rids = ["ghost", "queued", "answered", "gone"]
+    assert await store.scripts.unknown_requests(rids) == [0, 3]
+    assert await store.known_requests(rids) == {"queued", "answered"}
+    assert await store.scripts.unknown_requests([]) == []
+
+
 # --- lease and release_lock ------------------------------------------------------------------------------
 async def test_lease_is_held_by_one_holder_until_it_lapses(store: Store) -> None:
     key = K.metrics_leader

@@ -66,9 +66,9 @@ async def child(redis_url: str, emu_url: str, fid: str) -> None:
     marks: list[float] = []
     bodies = getattr(store, "flush_bodies", None)  # None: a batchd that builds the body whole
 
-    async def timed_bodies(entries: Any, **kwargs: Any) -> AsyncIterator[list[bytes]]:
+    async def timed_bodies(*args: Any, **kwargs: Any) -> AsyncIterator[list[bytes]]:
         assert bodies is not None
-        async for chunk in bodies(entries, **kwargs):
+        async for chunk in bodies(*args, **kwargs):
             marks.append(time.perf_counter())
             yield chunk
 

@@ -80,7 +80,7 @@ async def submit_flush(ctx: Context, fid: str) -> str:
         # API sees as a broken upload (FlushChanged, an unknown outcome below), never as a different body.
         custom_ids = [custom_id_for(i.rid, i.attempt).encode() for i in items]
         size = body_size((len(cid), i.size) for cid, i in zip(custom_ids, items, strict=True))
-        stream = stream_body(custom_ids, store.flush_bodies(items))
+        stream = stream_body(custom_ids, store.flush_bodies(fid, items))
         body: bytes | AsyncIterable[bytes] = stream
         if size <= WHOLE_BODY_BYTES:
             # A small body is read whole first, so a create in flight never needs Redis: if Redis dies

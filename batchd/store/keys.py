@@ -56,6 +56,11 @@ class Keys:
         """Hash: a RequestRecord plus ``body`` (the params JSON, until answered)."""
         return f"{self.tag}:req:{rid}"
 
+    def request_field(self, field: str) -> str:
+        """``SORT ... GET`` pattern of a field of the request hash named by each element (a request id): the
+        prefix cannot hold ``*`` or ``->`` (see Settings.key_prefix)."""
+        return f"{self.tag}:req:*->{field}"
+
     @property
     def tag_sets(self) -> str:
         """Hash: TagSet.id -> TagSet.canonical, for every tag set requests were sent with."""

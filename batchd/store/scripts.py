@@ -453,7 +453,8 @@ class Scripts:
         return [(int(flat[i]) - 1, int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
 
     async def flush_bodies(self, rids: Sequence[str]) -> list[bytes | None]:
-        """The params of each request (None where it has none), in order."""
+        """The params of each request (None where it has none), in order: for a user that may not ``SORT ...
+        GET`` (Store._flush_params)."""
         bodies: list[bytes | None] = await self._call(
             "flush_bodies", [self._keys.request(rid) for rid in rids], []
         )

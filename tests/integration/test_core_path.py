@@ -103,7 +103,8 @@ async def test_a_big_body_is_streamed_from_redis_chunk_by_chunk(
     monkeypatch.setattr(create, "WHOLE_BODY_BYTES", 0)  # every body is "big": streamed as it is sent
     settings = make_settings(emulator=True, max_batch_requests=1200, max_batch_age_seconds=300)
     async with running_daemon(settings), AsyncClient(settings=settings) as client:
-        rids = await client.submit_many([params(f"s{i}") for i in range(1200)])  # three chunks of 500
+        # Two chunks of the body (1,000 positions of the flush's list each).
+        rids = await client.submit_many([params(f"s{i}") for i in range(1200)])
         results = await asyncio.gather(*(client.result(rid, timeout=60) for rid in rids))
         assert [r.type for r in results] == ["succeeded"] * 1200
         [summary] = await recent_flushes(store)

@@ -558,14 +558,58 @@ async def test_flush_entries_size_the_body_and_flush_bodies_stream_it(store: Sto
     entries = await store.flush_entries("f1")
     items = await store.flush_items("f1")
     assert [(e.rid, e.attempt, e.size) for e in entries] == [(i.rid, i.attempt, len(i.body)) for i in items]
-    assert [e.rid for e in entries] == ["a", "c"]
-    assert [b async for chunk in store.flush_bodies(entries, chunk=2) for b in chunk] == [
-        i.body for i in items
-    ]
+    assert [(e.rid, e.index) for e in entries] == [("a", 0), ("c", 2)]
+    # A chunk is a stretch of the flush's list: with 2 positions a and c come apart, with 3 they share one
+    # read past the canceled b.
+    for chunk, parts in ((2, 2), (3, 1)):
+        streamed = [c async for c in store.flush_bodies("f1", entries, chunk=chunk)]
+        assert len(streamed) == parts
+        assert [b for c in streamed for b in c] == [i.body for i in items]
     # Params gone while the batch is being sent: the stream breaks off, never sends a shorter body.
     await store.redis.hdel(K.request("c"), "body")
+    for chunk in (2, 3):
+        with pytest.raises(FlushChanged):
+            [b async for c in store.flush_bodies("f1", entries, chunk=chunk) for b in c]
+
+
+async def test_flush_bodies_check_whose_params_they_read(store: Store) -> None:
+    """Params of the right size under another request id are not sent in its place."""
+    await queue_and_flush(store, "a", "b")
+    entries = await store.flush_entries("f1")
+    assert entries[0].size == entries[1].size
+    await store.redis.lset(K.flush_rids("f1"), 0, "b")
     with pytest.raises(FlushChanged):
-        [b async for chunk in store.flush_bodies(entries, chunk=2) for b in chunk]
+        [b async for c in store.flush_bodies("f1", entries) for b in c]
+
+
+async def test_flush_bodies_under_an_acl_user_that_may_not_sort_get(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """``SORT ... GET`` needs read access to every key: a user limited to batchd's keys (Keys.owns) reads
+    flush bodies by the script instead."""
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.execute_command(
+        "ACL", "SETUSER", "scoped", "on", ">pw", "~{batchd}:*", "~batchd:res:*", "&*", "+@all"
+    )
+    user = aioredis.Redis.from_url(f"redis://scoped:pw@127.0.0.1:{redis_server.port}/0")
+    try:
+        store = Store(user, K)
+        await store.intake.ensure_group()
+        await queue_and_flush(store, "a", "b", "c")
+        entries = await store.flush_entries("f1")
+        items = await store.flush_items("f1")
+        with pytest.raises(ResponseError, match="ACL"):
+            await user.sort_ro(K.flush_rids("f1"), by="nosort", get=["#", K.request_field("body")])
+        assert [b async for c in store.flush_bodies("f1", entries, chunk=2) for b in c] == [
+            i.body for i in items
+        ]
+        await store.redis.hdel(K.request("c"), "body")
+        with pytest.raises(FlushChanged):
+            [b async for c in store.flush_bodies("f1", entries, chunk=2) for b in c]
+    finally:
+        await user.aclose()
+        await admin.execute_command("ACL", "DELUSER", "scoped")
+        await admin.aclose()
 
 
 async def test_cancel_flushed_answers_canceled(store: Store) -> None:

@@ -179,7 +179,7 @@ class Published:
         out: list[str] = []
         while (message := await self._pubsub.get_message(timeout=0.05)) is not None:
             if message["type"] == "message":
-                out.append(message["data"].decode())
+                out += message["data"].decode().split(",")  # deliver.lua: one message a call
         return out
 
     async def close(self) -> None:

@@ -16,6 +16,9 @@
 -- NX and the attempt check make a repeated fan-out harmless: nothing is ever answered twice, and the billed
 -- set makes sure nothing is charged twice: the API bills every succeeded line once, delivered or not.
 -- Each line stands alone, so a chunk cut short by an error is simply delivered again.
+-- The rids answered by the call (followers included) are published once at its end, joined by commas (rids
+-- never hold one): one message a chunk instead of one a line. A call cut short publishes nothing; its
+-- waiters are woken by their listener's sweep (waiter.py) instead.
 --#include _ledger
 -- The ledger's and budgets' increments of the whole chunk are summed and written once (flush_deferred).
 deferred = true
@@ -27,6 +30,10 @@ local tag_sets, billed = KEYS[5], KEYS[6]
 -- Custom ids charged by this call: added to the billed set with the ledger's sums, at the end, so a call
 -- cut short writes neither (its lines are charged when the chunk is delivered again).
 local billed_now, billed_new = {}, {}
+-- Custom ids in the billed set before this call (one SMISMEMBER for the chunk, not a SISMEMBER a line).
+local billed_before = {}
+-- Rids answered by this call, published in one message at the end.
+local woken = {}
 
 local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, cid, charge)
   local f = redis.call('HMGET', req, 'state', 'attempts', 'enq', 'bytes', 'cancel', 'group', 'pfx', 'pttl',
@@ -37,16 +44,23 @@ local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, c
 
   -- A canceled request that deduped callers follow (cancel.lua) has its caller's answer already, and goes on.
   local detached = f[5] and f[12]
+  -- A result key is only ever written with state=done (or by cancel.lua on a detached request), so its
+  -- EXISTS is read only where state alone does not tell: an unknown request, a line that would requeue. On
+  -- the common path the SET NX is the check: it fails when the request has its answer already.
   local code
-  if state == 'done' or (not detached and redis.call('EXISTS', res) == 1) then
+  if state == 'done' then
     code = 0
-  elseif not state or attempts ~= line_attempt or state == 'queued' or state == 'following' then
+  elseif not state then
+    code = redis.call('EXISTS', res) == 1 and 0 or -1
+  elseif attempts ~= line_attempt or state == 'queued' or state == 'following' then
     code = -1
   elseif retry == '1' and attempts < max_attempts and (not f[5] or f[12]) then
     -- A canceled request is not retried, unless deduped callers still wait on it (f[12]).
-    code = 2
-  else
+    code = (not detached and redis.call('EXISTS', res) == 1) and 0 or 2
+  elseif redis.call('SET', res, line, 'NX', 'EX', ttl) or detached then
     code = 1
+  else
+    code = 0
   end
 
   -- The ledger, and the request's budget reservation (its estimate) settled by its final line.
@@ -54,7 +68,7 @@ local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, c
   local c = nil
   if succeeded then
     c = split_charge(charge)
-    if not billed_now[cid] and redis.call('SISMEMBER', billed, cid) == 0 then
+    if not billed_now[cid] and not billed_before[cid] then
       billed_now[cid] = true
       billed_new[#billed_new + 1] = cid
       charged = 1
@@ -71,7 +85,9 @@ local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, c
     end
     if settles then
       amount = amount - tonumber(f[10])
-      redis.call('HDEL', req, 'est')
+      if code ~= 1 then
+        redis.call('HDEL', req, 'est') -- a delivered line drops it with the params, below
+      end
     end
     budget_add(bkey, scopes, amount, budget_ttl)
   end
@@ -108,11 +124,16 @@ local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, c
     return {2, f[3], next_attempt, charged, 0}
   end
 
-  redis.call('SET', res, line, 'NX', 'EX', ttl)
+  -- Answered (its result key was set above).
   redis.call('HSET', req, 'state', 'done')
-  redis.call('HDEL', req, 'body')
+  -- The params are not needed any more; nor is the estimate the line settled.
+  if settles then
+    redis.call('HDEL', req, 'body', 'est')
+  else
+    redis.call('HDEL', req, 'body')
+  end
   redis.call('EXPIRE', req, ttl)
-  redis.call('PUBLISH', channel, rid)
+  woken[#woken + 1] = rid
 
   -- Deduped callers following this request get the same answer; a succeeded one is kept for the window.
   local followers = 0
@@ -132,7 +153,7 @@ local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, c
           redis.call('SET', res_key, line, 'NX', 'EX', ttl)
           redis.call('HSET', req_key, 'state', 'done')
           redis.call('EXPIRE', req_key, ttl)
-          redis.call('PUBLISH', channel, string.sub(name, 3))
+          woken[#woken + 1] = string.sub(name, 3)
           followers = followers + 1
           if succeeded then
             ledger_reuse(ledger, days, today, score, follower_tags, c[1], c[9])
@@ -155,18 +176,38 @@ local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, c
   return {1, f[3], attempts, charged, followers}
 end
 
-local out = {}
 local nlines = (#ARGV - 9) / 7
+local charged_cids = {}
+for i = 1, nlines do
+  local a = 9 + (i - 1) * 7
+  if ARGV[a + 7] ~= '' then
+    charged_cids[#charged_cids + 1] = ARGV[a + 6]
+  end
+end
+if #charged_cids > 0 then
+  local member = redis.call('SMISMEMBER', billed, unpack(charged_cids))
+  for i, cid in ipairs(charged_cids) do
+    if member[i] == 1 then
+      billed_before[cid] = true
+    end
+  end
+end
+
+local out, n = {}, 0
 for i = 1, nlines do
   local a = 9 + (i - 1) * 7
   local reply = deliver_one(KEYS[6 + (i - 1) * 2 + 1], KEYS[6 + (i - 1) * 2 + 2], tonumber(ARGV[a + 1]),
     ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
   for j = 1, 5 do
-    out[#out + 1] = reply[j]
+    out[n + j] = reply[j]
   end
+  n = n + 5
 end
 if #billed_new > 0 then
   redis.call('SADD', billed, unpack(billed_new))
 end
 flush_deferred()
+if #woken > 0 then
+  redis.call('PUBLISH', channel, table.concat(woken, ','))
+end
 return out

@@ -1,13 +1,16 @@
 -- Deliver a chunk of results lines, each to its caller or back to intake for another attempt; charge every
 -- succeeded line to the ledger exactly once, whatever happens to it. One call per chunk: the keys and
--- settings the lines share are passed once.
+-- settings the lines share are passed once, and each line as two arguments (each one costs the client and
+-- Redis about a microsecond to pass: a chunk has 500 lines).
 -- KEYS[1] intake stream, KEYS[2] queue stats, KEYS[3] today's ledger hash, KEYS[4] ledger days zset,
--- KEYS[5] tag sets hash, KEYS[6] the batch's billed set, then per line: request hash, result key.
+-- KEYS[5] tag sets hash, KEYS[6] the batch's billed set.
 -- ARGV[1] max attempts, ARGV[2] result TTL (s), ARGV[3] pub/sub channel, ARGV[4] today (UTC, YYYY-MM-DD),
 -- ARGV[5] today as YYYYMMDD, ARGV[6] budget key prefix (the day is appended), ARGV[7] budget TTL (s),
--- ARGV[8] prefix-state key prefix (the prefix id is appended), ARGV[9] dedupe window (s), then per line
--- (7 each): the attempt it answers, the line (JSON), retry? ("1": the result is transient), rid, the custom
--- id of the next attempt (used only when the request is sent back), this line's custom id, and its charge
+-- ARGV[8] prefix-state key prefix (the prefix id is appended), ARGV[9] dedupe window (s), ARGV[10] request
+-- key prefix, ARGV[11] and ARGV[12] what comes before and after the rid in a result key (keys.py's
+-- formats: a line's two keys are built from its rid), then per line (2 each): the line (JSON), and its
+-- fields joined by tabs: the attempt it answers, retry? ("1": the result is transient), rid, the custom id
+-- of the next attempt (used only when the request is sent back), this line's custom id, and its charge
 -- ("" unless it succeeded: the records.Charge fields joined by tabs, see _ledger.lua).
 -- Returns per line {code, enq_ms, attempts, charged, followers}, flattened: code 1 delivered, 2 requeued,
 -- 0 duplicate (already answered), -1 stale (a line for an attempt that is not the current one, or a request
@@ -25,6 +28,7 @@ deferred = true
 local max_attempts, ttl, channel = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local today, score, budget_prefix, budget_ttl = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 local prefix_prefix, window = ARGV[8], tonumber(ARGV[9])
+local req_prefix, res_head, res_tail = ARGV[10], ARGV[11], ARGV[12]
 local intake, queue_stats, ledger, days = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local tag_sets, billed = KEYS[5], KEYS[6]
 -- Custom ids charged by this call: added to the billed set with the ledger's sums, at the end, so a call
@@ -176,12 +180,17 @@ local function deliver_one(req, res, line_attempt, line, retry, rid, next_cid, c
   return {1, f[3], attempts, charged, followers}
 end
 
-local nlines = (#ARGV - 9) / 7
+local FIRST = 12
+local nlines = (#ARGV - FIRST) / 2
+local lines = {}
 local charged_cids = {}
 for i = 1, nlines do
-  local a = 9 + (i - 1) * 7
-  if ARGV[a + 7] ~= '' then
-    charged_cids[#charged_cids + 1] = ARGV[a + 6]
+  local a = FIRST + (i - 1) * 2
+  local attempt, retry, rid, next_cid, cid, charge =
+    string.match(ARGV[a + 2], '^(%d+)\t([01])\t([^\t]+)\t([^\t]+)\t([^\t]+)\t(.*)$')
+  lines[i] = {tonumber(attempt), retry, rid, next_cid, cid, charge}
+  if charge ~= '' then
+    charged_cids[#charged_cids + 1] = cid
   end
 end
 if #charged_cids > 0 then
@@ -195,9 +204,11 @@ end
 
 local out, n = {}, 0
 for i = 1, nlines do
-  local a = 9 + (i - 1) * 7
-  local reply = deliver_one(KEYS[6 + (i - 1) * 2 + 1], KEYS[6 + (i - 1) * 2 + 2], tonumber(ARGV[a + 1]),
-    ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
+  local m = lines[i]
+  local rid = m[3]
+  local line = ARGV[FIRST + (i - 1) * 2 + 1]
+  local req, res = req_prefix .. rid, res_head .. rid .. res_tail
+  local reply = deliver_one(req, res, m[1], line, m[2], rid, m[4], m[5], m[6])
   for j = 1, 5 do
     out[n + j] = reply[j]
   end

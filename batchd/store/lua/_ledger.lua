@@ -176,9 +176,10 @@ local function budget_add(bkey, scopes, amount, ttl)
   if amount == 0 then
     return
   end
-  local text = string.format('%d', amount)
+  -- Deferred, incr adds numbers; else HINCRBY takes the amount as an integer string.
+  local value = deferred and amount or string.format('%d', amount)
   for _, scope in ipairs(scopes) do
-    incr(bkey, scope, text)
+    incr(bkey, scope, value)
   end
   expire_later(bkey, ttl)
 end

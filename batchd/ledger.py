@@ -60,7 +60,8 @@ def charge_of(message: Mapping[str, Any]) -> Charge:
     """What one succeeded answer (its Message) adds to the ledger, at batch prices."""
     model = str(message.get("model") or "")
     usage = message.get("usage")
-    usage = usage if isinstance(usage, Mapping) else {}
+    # `type(...) is dict` first: this runs per results line, and an ABC isinstance check costs ~0.5 us.
+    usage = usage if type(usage) is dict or isinstance(usage, Mapping) else {}
     counts = pricing.token_counts(usage)
     price = pricing.price_for(model)
     both = (
@@ -68,16 +69,16 @@ def charge_of(message: Mapping[str, Any]) -> Charge:
     )
     cost, standard = both if both is not None else (0, 0)
     return Charge(
-        model=price.model if price is not None else model_label(model),
-        input=counts.input,
-        output=counts.output,
-        cache_write_5m=counts.cache_write_5m,
-        cache_write_1h=counts.cache_write_1h,
-        cache_read=counts.cache_read,
-        server_tool_uses=counts.server_tool_uses,
-        cost=cost,
-        standard=standard,
-        priced=both is not None,
+        price.model if price is not None else model_label(model),
+        counts.input,
+        counts.output,
+        counts.cache_write_5m,
+        counts.cache_write_1h,
+        counts.cache_read,
+        counts.server_tool_uses if counts.server_tools else 0,
+        cost,
+        standard,
+        both is not None,
     )
 
 

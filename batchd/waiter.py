@@ -1,6 +1,7 @@
 """Waiting for results: every waiter in a process shares one pub/sub connection and batched reads.
 
-The deliver script publishes each answered request id on one channel. One listener task per client
+The deliver script publishes the request ids it answered on one channel (one message a call, the ids
+joined by commas; other scripts publish a single id). One listener task per client
 subscribes, and on each id wakes the futures waiting for it, fetching results with one MGET per burst of
 ids. A new waiter is checked by a second task that reads the result keys of every waiter registered since
 its last round in one MGET (and, for those not answered, whether the request still exists), so 100,000
@@ -150,9 +151,10 @@ class ResultWaiter:
                     message = await pubsub.get_message(timeout=self._sweep_seconds)
                     ids: set[str] = set()
                     while message is not None:
-                        rid = text(message.get("data"))
-                        if rid in self._pending:
-                            ids.add(rid)
+                        # One message carries the rids one deliver call answered, joined by commas.
+                        for rid in text(message.get("data")).split(","):
+                            if rid in self._pending:
+                                ids.add(rid)
                         # Drain what is already buffered so one MGET serves the burst.
                         message = await pubsub.get_message(timeout=0)
                     if ids:

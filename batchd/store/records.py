@@ -358,7 +358,7 @@ class Charge(NamedTuple):
 
     def blob(self) -> str:
         """The charge as the scripts read it (``split_charge`` in ``lua/_ledger.lua``): one argument."""
-        return "\t".join(str(v) for v in (*self[:9], 1 if self.priced else 0))
+        return "\t".join(map(str, self[:9])) + ("\t1" if self.priced else "\t0")
 
 
 # The ledger's metrics: hash field suffix -> LedgerRow attribute (lua/_ledger.lua writes the same names).

@@ -138,7 +138,7 @@ def log_events(paths: Iterable[Path]) -> Counter[str]:
 
 
 class Publications:
-    """Counts every message on the delivered channel (one per answered request id) while it listens.
+    """Counts every request id published on the delivered channel while it listens.
 
     Start ``listen`` as a task and await ``listening`` before the first submit. To know the count is
     complete, stop whatever publishes, then ``await barrier(redis, channel)``: pub/sub keeps the server's
@@ -159,7 +159,8 @@ class Publications:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:
                     data = message["data"]
-                    self.counts[data.decode() if isinstance(data, bytes) else str(data)] += 1
+                    # deliver.lua publishes the rids of a call in one message, joined by commas.
+                    self.counts.update((data.decode() if isinstance(data, bytes) else str(data)).split(","))
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()

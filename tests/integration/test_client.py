@@ -379,6 +379,31 @@ async def test_result_delivered_while_waiting(
     assert result.message.content[0].text == "late"  # type: ignore[union-attr]
 
 
+async def test_one_delivery_call_wakes_every_caller_it_answers(
+    client: AsyncClient, daemon: DaemonDouble, aredis: aioredis.Redis
+) -> None:
+    # deliver.lua publishes the rids of a chunk in one message, joined by commas.
+    rids = await client.submit_many([params(t) for t in ("one", "two", "three")])
+    await daemon.flush()
+    waiting = [asyncio.create_task(client.result(rid, timeout=30)) for rid in rids]
+    await eventually(listener_subscribed(aredis), timeout=5, what="the result listener to subscribe")
+    await asyncio.sleep(0.2)  # every caller's own first read is done: only the wake-up can answer them now
+    assert not any(task.done() for task in waiting)
+
+    delivered_at = time.monotonic()
+    lines = [
+        Delivery(rid, 1, orjson.dumps({"custom_id": custom_id_for(rid, 1), "result": succeeded(rid)}), False)
+        for rid in rids
+    ]
+    replies = await daemon.store.scripts.deliver(lines, max_attempts=3, ttl_seconds=TTL)
+    assert {reply.outcome for reply in replies} == {DeliverOutcome.DELIVERED}
+    results = await asyncio.gather(*waiting)
+
+    assert time.monotonic() - delivered_at < WAKE_UP_BOUND
+    texts = [r.message.content[0].text for r in results]  # type: ignore[union-attr]
+    assert texts == rids
+
+
 async def test_peek_does_not_wait(client: AsyncClient, daemon: DaemonDouble) -> None:
     rid = await client.submit(params())
     assert await client.peek(rid) is None

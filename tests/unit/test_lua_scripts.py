@@ -179,7 +179,7 @@ class Published:
         out: list[str] = []
         while (message := await self._pubsub.get_message(timeout=0.05)) is not None:
             if message["type"] == "message":
-                out.append(message["data"].decode())
+                out += message["data"].decode().split(",")  # deliver.lua: one message a call
         return out
 
     async def close(self) -> None:
@@ -436,6 +436,31 @@ async def test_deliver_twice_is_a_duplicate_and_keeps_the_first_line(
 
     assert await store.result_line("a") == (first, True)
     assert await published.drain() == []
+
+
+async def test_deliver_publishes_the_rids_of_a_call_in_one_message(store: Store, r: aioredis.Redis) -> None:
+    # One message a chunk (the waiters split it at the commas), not one a line; a line that answers nobody
+    # (a duplicate) is not in it.
+    await queue_and_flush(store, "a", "b", "c")
+    await deliver(store, "c", 1, line_for("c", 1, SUCCEEDED))
+    pubsub = r.pubsub()
+    await pubsub.subscribe(K.delivered_channel)
+    try:
+        lines = [Delivery(rid, 1, line_for(rid, 1, SUCCEEDED), False) for rid in ("a", "b", "c")]
+        replies = await store.scripts.deliver(lines, max_attempts=3, ttl_seconds=TTL)
+        assert [reply.outcome for reply in replies] == [
+            DeliverOutcome.DELIVERED,
+            DeliverOutcome.DELIVERED,
+            DeliverOutcome.DUPLICATE,
+        ]
+        messages = []
+        for _ in range(10):
+            message = await pubsub.get_message(timeout=0.05)
+            if message is not None and message["type"] == "message":
+                messages.append(message["data"])
+        assert messages == [b"a,b"]
+    finally:
+        await pubsub.aclose()
 
 
 async def test_deliver_result_key_is_set_nx(store: Store) -> None:

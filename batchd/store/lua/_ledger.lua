@@ -8,6 +8,10 @@
 local deferred = false
 local pending, pending_keys, pending_expire, pending_days = {}, {}, {}, {}
 local EXACT = 4503599627370496 -- 2^52
+-- A deferred ledger charge is summed as numbers per ledger key and field prefix (model|tag set|), one slot
+-- per field below, and its field names are built once per prefix by flush_deferred (not ~10 a line).
+local CHARGE_FIELDS = {'n', 'in', 'out', 'w5', 'w1', 'cr', 'st', 'cost', 'std', 'unp', 'nd', 'ndc'}
+local pending_charges, pending_charge_keys = {}, {}
 
 local function incr(key, field, amount)
   if not deferred then
@@ -38,13 +42,27 @@ end
 
 local function note_day(dkey, score, day)
   if deferred then
-    pending_days[dkey .. '\0' .. day] = {dkey, score, day}
+    local days = pending_days[dkey]
+    if not days then
+      days = {}
+      pending_days[dkey] = days
+    end
+    days[day] = score
   else
     redis.call('ZADD', dkey, score, day)
   end
 end
 
 local function flush_deferred()
+  for _, lkey in ipairs(pending_charge_keys) do
+    for p, v in pairs(pending_charges[lkey]) do
+      for j = 1, 12 do
+        if v[j] ~= 0 then
+          redis.call('HINCRBY', lkey, p .. CHARGE_FIELDS[j], string.format('%d', v[j]))
+        end
+      end
+    end
+  end
   for _, key in ipairs(pending_keys) do
     for field, v in pairs(pending[key]) do
       if v ~= 0 then
@@ -55,10 +73,13 @@ local function flush_deferred()
   for key, ttl in pairs(pending_expire) do
     redis.call('EXPIRE', key, ttl)
   end
-  for _, d in pairs(pending_days) do
-    redis.call('ZADD', d[1], d[2], d[3])
+  for dkey, days in pairs(pending_days) do
+    for day, score in pairs(days) do
+      redis.call('ZADD', dkey, score, day)
+    end
   end
   pending, pending_keys, pending_expire, pending_days = {}, {}, {}, {}
+  pending_charges, pending_charge_keys = {}, {}
 end
 
 -- A ledger charge, from its form on the wire: model, input, output, cache writes 5m and 1h, cache reads,
@@ -75,6 +96,38 @@ end
 -- (false: the API billed a line batchd dropped, a stale or duplicate one).
 local function ledger_charge(lkey, dkey, day, score, tagset, c, delivered)
   local p = c[1] .. '|' .. tagset .. '|'
+  if deferred then
+    local by_prefix = pending_charges[lkey]
+    if not by_prefix then
+      by_prefix = {}
+      pending_charges[lkey] = by_prefix
+      pending_charge_keys[#pending_charge_keys + 1] = lkey
+    end
+    local v = by_prefix[p]
+    if not v then
+      v = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+      by_prefix[p] = v
+    end
+    v[1] = v[1] + 1
+    for j = 2, 9 do
+      v[j] = v[j] + tonumber(c[j])
+    end
+    if c[10] ~= '1' then
+      v[10] = v[10] + 1
+    end
+    if not delivered then
+      v[11] = v[11] + 1
+      v[12] = v[12] + tonumber(c[8])
+    end
+    for j = 1, 12 do
+      if v[j] >= EXACT then
+        redis.call('HINCRBY', lkey, p .. CHARGE_FIELDS[j], string.format('%d', v[j]))
+        v[j] = 0
+      end
+    end
+    note_day(dkey, score, day)
+    return
+  end
   local names = {'in', 'out', 'w5', 'w1', 'cr', 'st', 'cost', 'std'}
   incr(lkey, p .. 'n', 1)
   for j = 1, 8 do
@@ -123,9 +176,10 @@ local function budget_add(bkey, scopes, amount, ttl)
   if amount == 0 then
     return
   end
-  local text = string.format('%d', amount)
+  -- Deferred, incr adds numbers; else HINCRBY takes the amount as an integer string.
+  local value = deferred and amount or string.format('%d', amount)
   for _, scope in ipairs(scopes) do
-    incr(bkey, scope, text)
+    incr(bkey, scope, value)
   end
   expire_later(bkey, ttl)
 end

@@ -103,26 +103,10 @@ class NewRequest(NamedTuple):
     route: Route = Route.BATCH
     due_ms: int = 0  # when a route other than BATCH is sent in real time
 
-    @property
-    def custom_id(self) -> str:
-        return custom_id_for(self.rid, 1)
 
-    @property
-    def spend_fields(self) -> str:
-        """What enqueue.lua reads of the spend fields: "" when there are none (one argument either way)."""
-        if not (self.tags.id or self.estimate or self.prefix or self.dedupe):
-            return ""
-        return f"{self.tags.id}\t{self.estimate}\t{self.prefix}\t{self.prefix_ttl}\t{1 if self.dedupe else 0}"
-
-    @property
-    def route_field(self) -> str:
-        """What enqueue.lua reads of the route: "" for a batch, else the route and its due ms."""
-        return "" if self.route is Route.BATCH else f"{self.route.value}\t{self.due_ms}"
-
-    @property
-    def digest(self) -> str:
-        """Tells a repeated submit (same params, same headers) from a conflicting one."""
-        return hashlib.blake2b(self.body + b"\0" + self.headers.key.encode(), digest_size=16).hexdigest()
+def _digest(body: bytes, group: bytes) -> str:
+    """Tells a repeated submit (same params, same headers) from a conflicting one."""
+    return hashlib.blake2b(body + b"\0" + group, digest_size=16).hexdigest()
 
 
 class EnqueueOutcome(IntEnum):
@@ -274,6 +258,7 @@ class Scripts:
         keys.append(k.deadlines)
         groups = {r.headers.key: r.headers for r in requests if r.headers.key}
         tag_sets = {r.tags.id: r.tags.canonical for r in requests if r.tags.id}
+        res_head, _, res_tail = k.result("\0").partition("\0")
         args: list[Any] = [
             now_ms,
             max_requests,
@@ -283,6 +268,9 @@ class Scripts:
             BUDGET_TTL_S,
             result_ttl,
             k.dedupe(""),
+            k.request(""),
+            res_head,
+            res_tail,
         ]
         args += ["" if budgets.daily is None else budgets.daily, len(budgets.tags)]
         for scope, limit in budgets.tags.items():
@@ -293,10 +281,22 @@ class Scripts:
         args.append(len(tag_sets))
         for tag_id, canonical in tag_sets.items():
             args += [tag_id, canonical]
+        # The requests of one call nearly always share their headers and tags: their ids are computed once.
+        headers, group, group_bytes = _DEFAULT_HEADERS, "", b""
+        tags, tag_id = _UNTAGGED, ""
         for req in requests:
-            keys += [k.request(req.rid), k.result(req.rid)]
-            args += [req.rid, req.custom_id, req.body, req.digest, req.headers.key, req.spend_fields]
-            args.append(req.route_field)
+            if req.headers is not headers:
+                headers, group = req.headers, req.headers.key
+                group_bytes = group.encode()
+            if req.tags is not tags:
+                tags, tag_id = req.tags, req.tags.id
+            route = "" if req.route is Route.BATCH else req.route.value
+            args.append(
+                f"{req.rid}\t{custom_id_for(req.rid, 1)}\t{_digest(req.body, group_bytes)}\t{group}\t"
+                f"{tag_id}\t{req.estimate}\t{req.prefix}\t{req.prefix_ttl}\t{1 if req.dedupe else 0}\t"
+                f"{route}\t{req.due_ms}"
+            )
+            args.append(req.body)
         reply = await self._call("enqueue", keys, args)
         # A success reply holds only codes >= 0.
         if reply and int(reply[0]) == -1:

@@ -118,6 +118,9 @@ class EnqueueOutcome(IntEnum):
     REUSED = 3  # answered at once with an identical request's stored answer
 
 
+_ENQUEUE_OUTCOMES = {int(o): o for o in EnqueueOutcome}
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetLimits:
     """The daily budgets in force (pico-USD): the global one (None: none) and per tag scope."""
@@ -256,8 +259,29 @@ class Scripts:
         day, score = _day(now_ms)
         keys = [k.intake, k.queue_stats, k.groups, k.tag_sets, k.budget(day), k.ledger(day), k.ledger_days]
         keys.append(k.deadlines)
-        groups = {r.headers.key: r.headers for r in requests if r.headers.key}
-        tag_sets = {r.tags.id: r.tags.canonical for r in requests if r.tags.id}
+        groups: dict[str, BatchHeaders] = {}
+        tag_sets: dict[str, str] = {}
+        each: list[Any] = []
+        # The requests of one call nearly always share their headers and tags: their ids are computed once.
+        headers, group, group_bytes = _DEFAULT_HEADERS, "", b""
+        tags, tag_id = _UNTAGGED, ""
+        for req in requests:
+            if req.headers is not headers:
+                headers, group = req.headers, req.headers.key
+                group_bytes = group.encode()
+                if group:
+                    groups[group] = headers
+            if req.tags is not tags:
+                tags, tag_id = req.tags, req.tags.id
+                if tag_id:
+                    tag_sets[tag_id] = tags.canonical
+            route = "" if req.route is Route.BATCH else req.route.value
+            each.append(
+                f"{req.rid}\t{custom_id_for(req.rid, 1)}\t{_digest(req.body, group_bytes)}\t{group}\t"
+                f"{tag_id}\t{req.estimate}\t{req.prefix}\t{req.prefix_ttl}\t{1 if req.dedupe else 0}\t"
+                f"{route}\t{req.due_ms}"
+            )
+            each.append(req.body)
         res_head, _, res_tail = k.result("\0").partition("\0")
         args: list[Any] = [
             now_ms,
@@ -276,27 +300,12 @@ class Scripts:
         for scope, limit in budgets.tags.items():
             args += [scope, limit]
         args.append(len(groups))
-        for key, headers in groups.items():
-            args += [key, headers.to_json()]
+        for key, group_headers in groups.items():
+            args += [key, group_headers.to_json()]
         args.append(len(tag_sets))
         for tag_id, canonical in tag_sets.items():
             args += [tag_id, canonical]
-        # The requests of one call nearly always share their headers and tags: their ids are computed once.
-        headers, group, group_bytes = _DEFAULT_HEADERS, "", b""
-        tags, tag_id = _UNTAGGED, ""
-        for req in requests:
-            if req.headers is not headers:
-                headers, group = req.headers, req.headers.key
-                group_bytes = group.encode()
-            if req.tags is not tags:
-                tags, tag_id = req.tags, req.tags.id
-            route = "" if req.route is Route.BATCH else req.route.value
-            args.append(
-                f"{req.rid}\t{custom_id_for(req.rid, 1)}\t{_digest(req.body, group_bytes)}\t{group}\t"
-                f"{tag_id}\t{req.estimate}\t{req.prefix}\t{req.prefix_ttl}\t{1 if req.dedupe else 0}\t"
-                f"{route}\t{req.due_ms}"
-            )
-            args.append(req.body)
+        args += each
         reply = await self._call("enqueue", keys, args)
         # A success reply holds only codes >= 0.
         if reply and int(reply[0]) == -1:
@@ -305,7 +314,7 @@ class Scripts:
             return EnqueueConflict(int(reply[1]) - 1)
         if reply and int(reply[0]) == -3:
             return BudgetRefused(int(reply[1]) - 1, text_of(reply[2]), day, int(reply[3]), int(reply[4]))
-        return [EnqueueOutcome(int(x)) for x in reply]
+        return [_ENQUEUE_OUTCOMES[int(x)] for x in reply]
 
     async def commit_flush(
         self, fid: str, entries: Sequence[IntakeEntry], *, now_ms: int, group: str = ""

@@ -6,6 +6,7 @@ import math
 import re
 import secrets
 from collections.abc import Mapping
+from functools import cache
 
 import orjson
 
@@ -36,12 +37,12 @@ def validate_request_id(request_id: object) -> str:
 
 def encode_params(params: object, *, max_batch_bytes: int, max_attempts: int = 3) -> bytes:
     """Validate Messages create params and return them as compact JSON bytes (stored and sent as they are)."""
-    if not isinstance(params, Mapping):
+    if not isinstance(params, dict | Mapping):  # dict first: an ABC check costs more, per request
         raise InvalidParams(
             f"params must be a mapping of Messages create arguments, not {type(params).__name__}"
         )
-    missing = [name for name in _REQUIRED if name not in params]
-    if missing:
+    if not ("model" in params and "max_tokens" in params and "messages" in params):
+        missing = [name for name in _REQUIRED if name not in params]
         raise InvalidParams(f"params lack required field(s): {', '.join(missing)}")
     if params.get("stream"):
         raise InvalidParams("params ask for stream=True; batches cannot stream: drop 'stream'")
@@ -52,16 +53,19 @@ def encode_params(params: object, *, max_batch_bytes: int, max_attempts: int = 3
     # orjson writes NaN and +-Infinity as null; a null in the output is the only sign one was there.
     if b"null" in body and _has_non_finite(params):
         raise InvalidParams("params contain NaN or Infinity, which JSON cannot carry")
-    # The largest custom id this request can have is on its last attempt.
-    largest = EMPTY_BODY_SIZE + item_size(
-        len(custom_id_for("x" * MAX_REQUEST_ID_LEN, max_attempts)), len(body)
-    )
-    if largest > max_batch_bytes:
+    if len(body) + _envelope(max_attempts) > max_batch_bytes:
         raise RequestTooLarge(
             f"request is {len(body)} bytes; a batch may hold at most {max_batch_bytes} bytes "
             "(BATCHD_MAX_BATCH_BYTES) including the envelope"
         )
     return body
+
+
+@cache
+def _envelope(max_attempts: int) -> int:
+    """The bytes a batch of this request alone adds to its params, with the largest custom id it can have
+    (on its last attempt)."""
+    return EMPTY_BODY_SIZE + item_size(len(custom_id_for("x" * MAX_REQUEST_ID_LEN, max_attempts)), 0)
 
 
 def _has_non_finite(value: object) -> bool:

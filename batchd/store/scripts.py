@@ -103,26 +103,10 @@ class NewRequest(NamedTuple):
     route: Route = Route.BATCH
     due_ms: int = 0  # when a route other than BATCH is sent in real time
 
-    @property
-    def custom_id(self) -> str:
-        return custom_id_for(self.rid, 1)
 
-    @property
-    def spend_fields(self) -> str:
-        """What enqueue.lua reads of the spend fields: "" when there are none (one argument either way)."""
-        if not (self.tags.id or self.estimate or self.prefix or self.dedupe):
-            return ""
-        return f"{self.tags.id}\t{self.estimate}\t{self.prefix}\t{self.prefix_ttl}\t{1 if self.dedupe else 0}"
-
-    @property
-    def route_field(self) -> str:
-        """What enqueue.lua reads of the route: "" for a batch, else the route and its due ms."""
-        return "" if self.route is Route.BATCH else f"{self.route.value}\t{self.due_ms}"
-
-    @property
-    def digest(self) -> str:
-        """Tells a repeated submit (same params, same headers) from a conflicting one."""
-        return hashlib.blake2b(self.body + b"\0" + self.headers.key.encode(), digest_size=16).hexdigest()
+def _digest(body: bytes, group: bytes) -> str:
+    """Tells a repeated submit (same params, same headers) from a conflicting one."""
+    return hashlib.blake2b(body + b"\0" + group, digest_size=16).hexdigest()
 
 
 class EnqueueOutcome(IntEnum):
@@ -132,6 +116,9 @@ class EnqueueOutcome(IntEnum):
     KNOWN = 0  # the request id exists with the same params: an idempotent repeat
     FOLLOWING = 2  # deduped onto an identical request in flight: answered with its answer
     REUSED = 3  # answered at once with an identical request's stored answer
+
+
+_ENQUEUE_OUTCOMES = {int(o): o for o in EnqueueOutcome}
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,8 +260,30 @@ class Scripts:
         day, score = _day(now_ms)
         keys = [k.intake, k.queue_stats, k.groups, k.tag_sets, k.budget(day), k.ledger(day), k.ledger_days]
         keys.append(k.deadlines)
-        groups = {r.headers.key: r.headers for r in requests if r.headers.key}
-        tag_sets = {r.tags.id: r.tags.canonical for r in requests if r.tags.id}
+        groups: dict[str, BatchHeaders] = {}
+        tag_sets: dict[str, str] = {}
+        each: list[Any] = []
+        # The requests of one call nearly always share their headers and tags: their ids are computed once.
+        headers, group, group_bytes = _DEFAULT_HEADERS, "", b""
+        tags, tag_id = _UNTAGGED, ""
+        for req in requests:
+            if req.headers is not headers:
+                headers, group = req.headers, req.headers.key
+                group_bytes = group.encode()
+                if group:
+                    groups[group] = headers
+            if req.tags is not tags:
+                tags, tag_id = req.tags, req.tags.id
+                if tag_id:
+                    tag_sets[tag_id] = tags.canonical
+            route = "" if req.route is Route.BATCH else req.route.value
+            each.append(
+                f"{req.rid}\t{custom_id_for(req.rid, 1)}\t{_digest(req.body, group_bytes)}\t{group}\t"
+                f"{tag_id}\t{req.estimate}\t{req.prefix}\t{req.prefix_ttl}\t{1 if req.dedupe else 0}\t"
+                f"{route}\t{req.due_ms}"
+            )
+            each.append(req.body)
+        res_head, _, res_tail = k.result("\0").partition("\0")
         args: list[Any] = [
             now_ms,
             max_requests,
@@ -284,20 +293,20 @@ class Scripts:
             BUDGET_TTL_S,
             result_ttl,
             k.dedupe(""),
+            k.request(""),
+            res_head,
+            res_tail,
         ]
         args += ["" if budgets.daily is None else budgets.daily, len(budgets.tags)]
         for scope, limit in budgets.tags.items():
             args += [scope, limit]
         args.append(len(groups))
-        for key, headers in groups.items():
-            args += [key, headers.to_json()]
+        for key, group_headers in groups.items():
+            args += [key, group_headers.to_json()]
         args.append(len(tag_sets))
         for tag_id, canonical in tag_sets.items():
             args += [tag_id, canonical]
-        for req in requests:
-            keys += [k.request(req.rid), k.result(req.rid)]
-            args += [req.rid, req.custom_id, req.body, req.digest, req.headers.key, req.spend_fields]
-            args.append(req.route_field)
+        args += each
         reply = await self._call("enqueue", keys, args)
         # A success reply holds only codes >= 0.
         if reply and int(reply[0]) == -1:
@@ -306,7 +315,7 @@ class Scripts:
             return EnqueueConflict(int(reply[1]) - 1)
         if reply and int(reply[0]) == -3:
             return BudgetRefused(int(reply[1]) - 1, text_of(reply[2]), day, int(reply[3]), int(reply[4]))
-        return [EnqueueOutcome(int(x)) for x in reply]
+        return [_ENQUEUE_OUTCOMES[int(x)] for x in reply]
 
     async def commit_flush(
         self, fid: str, entries: Sequence[IntakeEntry], *, now_ms: int, group: str = ""

@@ -1,17 +1,19 @@
 -- Submit one or more requests atomically (all of the call or none of it).
 -- KEYS[1] intake stream, KEYS[2] queue stats hash, KEYS[3] groups hash, KEYS[4] tag sets hash, KEYS[5]
--- today's budget hash, KEYS[6] today's ledger hash, KEYS[7] ledger days zset, KEYS[8] deadlines zset, then
--- per request: request hash, result key.
+-- today's budget hash, KEYS[6] today's ledger hash, KEYS[7] ledger days zset, KEYS[8] deadlines zset.
 -- ARGV[1] now (ms), ARGV[2] max queued requests, ARGV[3] max queued bytes, ARGV[4] today (UTC), ARGV[5]
 -- today as YYYYMMDD, ARGV[6] budget TTL (s), ARGV[7] result TTL (s), ARGV[8] dedupe key prefix (the
--- digest is appended), ARGV[9] the global daily budget (pico-USD, "" for none), ARGV[10] L, then L pairs
--- (tag scope, its daily budget), then G, then G pairs (group id, its headers JSON), then T, then T pairs
--- (tag set id, its canonical "k=v,..."), then per request (7 each): rid, custom id of attempt 1, params JSON,
--- digest (params and headers), group id ("" for the default headers), its spend fields ("" when it has
--- none, else tag set id, estimate (pico-USD), prompt-cache prefix id, its TTL (s) and dedupe ("1": follow
--- or reuse an identical request), joined by tabs), and its route ("" for batch, else the records.Route
--- and the ms it is due in real time, joined by a tab). A realtime or auto_now request never enters intake
--- (state 'realtime'); an auto one does, and is also listed in the deadlines zset.
+-- digest is appended), ARGV[9] request key prefix (the rid is appended), ARGV[10] and ARGV[11] what comes
+-- before and after the rid in its result key, ARGV[12] the global daily budget (pico-USD, "" for none),
+-- ARGV[13] L, then L pairs (tag scope, its daily budget), then G, then G pairs (group id, its headers
+-- JSON), then T, then T pairs (tag set id, its canonical "k=v,..."), then per request (2 each): its small
+-- fields joined by tabs (rid, custom id of attempt 1, digest (params and headers), group id ("" for the
+-- default headers), tag set id, estimate (pico-USD), prompt-cache prefix id, its TTL (s), dedupe ("1":
+-- follow or reuse an identical request), route ("" for batch, else the records.Route) and the ms it is
+-- due in real time), then its params JSON. Joined, because redis-py packs and Redis converts every argument
+-- on its own: one string of small fields costs about what one of them did.
+-- A realtime or auto_now request never enters intake (state 'realtime'); an auto one does, and is also
+-- listed in the deadlines zset.
 -- Returns {-1, queued_n, queued_bytes} if the caps would be passed, {-2, i} if request i (1-based) reuses
 -- a known request id with other params, {-3, i, scope, spent, limit} if request i's estimate would take a
 -- budget past its limit (nothing written in any of these); else one code per request: 1 queued, 0 that
@@ -22,11 +24,12 @@
 --#include _ledger
 local now, today, score = ARGV[1], ARGV[4], ARGV[5]
 local budget_ttl, result_ttl, dedupe_prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local req_prefix, res_head, res_tail = ARGV[9], ARGV[10], ARGV[11]
 local limits = {}
-if ARGV[9] ~= '' then
-  limits['*'] = tonumber(ARGV[9])
+if ARGV[12] ~= '' then
+  limits['*'] = tonumber(ARGV[12])
 end
-local at = 10
+local at = 13
 for _ = 1, tonumber(ARGV[at]) do
   limits[ARGV[at + 1]] = tonumber(ARGV[at + 2])
   at = at + 2
@@ -41,7 +44,9 @@ for t = 1, ntags do
   tagsets[ARGV[at + (t - 1) * 2 + 1]] = ARGV[at + (t - 1) * 2 + 2]
 end
 local first = at + 2 * ntags  -- the ARGV index before the first request's
-local nreq = (#ARGV - first) / 7
+local nreq = (#ARGV - first) / 2
+-- A request's small fields: rid, cid, digest, group, tag set, estimate, prefix, its TTL, dedupe, route, due.
+local FIELDS = '^([^\t]+)\t([^\t]+)\t([^\t]+)\t([^\t]*)\t([^\t]*)\t(%d+)\t([^\t]*)\t(%d+)\t([01])\t([^\t]*)\t(%d+)$'
 local stats = redis.call('HMGET', KEYS[2], 'requests', 'bytes')
 local queued_n = tonumber(stats[1]) or 0
 local queued_bytes = tonumber(stats[2]) or 0
@@ -64,36 +69,38 @@ local function scopes_of(tagset)
   return scopes
 end
 
-local codes, spend = {}, {}
+-- Each request's record and result keys. One EXISTS a slice of requests: new requests (the usual case) cost
+-- no read of their own; only the requests of a slice where some key exists are looked at one by one.
+local reqs, ress, suspect = {}, {}, {}
+for s = 1, nreq, 100 do
+  local e = math.min(s + 99, nreq)
+  local names = {}
+  for i = s, e do
+    local rid = string.match(ARGV[first + 2 * i - 1], '^[^\t]+')
+    reqs[i], ress[i] = req_prefix .. rid, res_head .. rid .. res_tail
+    names[#names + 1], names[#names + 2] = reqs[i], ress[i]
+  end
+  if redis.call('EXISTS', unpack(names)) > 0 then
+    for i = s, e do
+      suspect[i] = true
+    end
+  end
+end
+
+local codes, dds = {}, {}
 local add_n, add_bytes = 0, 0
 local seen = {}
 local primary_of = {}  -- dedupe key -> rid of the request of this call that carries it
 local reuse = {}  -- i -> {line, model, standard cost}
 local spent, reserve = {}, {}  -- scope -> pico-USD spent before this call / reserved by it
 for i = 1, nreq do
-  local base = first + (i - 1) * 7
-  local rid, body, digest = ARGV[base + 1], ARGV[base + 3], ARGV[base + 4]
-  local s = {tagset = '', est = 0, pfx = '', pttl = '', dedupe = false}
-  if ARGV[base + 6] ~= '' then
-    local tagset, est, pfx, pttl, dedupe = string.match(ARGV[base + 6], '^([^\t]*)\t(%d+)\t([^\t]*)\t(%d+)\t(%d)$')
-    s = {tagset = tagset, est = tonumber(est), pfx = pfx, pttl = pttl, dedupe = dedupe == '1'}
-  end
-  if ARGV[base + 7] ~= '' then
-    local route, due = string.match(ARGV[base + 7], '^([%w_]+)\t(%d+)$')
-    s.route, s.due = route, due
-    s.direct = route ~= 'auto'
-  end
-  spend[i] = s
-  local req = KEYS[8 + (i - 1) * 2 + 1]
+  local body = ARGV[first + 2 * i]
+  local rid, _, digest, _, tagset, est, _, _, dedupe, route = string.match(ARGV[first + 2 * i - 1], FIELDS)
+  est = tonumber(est)
   local known = seen[rid]
-  if not known then
-    -- A request answered long ago may keep only its result; its digest went with its record.
-    local stored = redis.call('HGET', req, 'digest')
-    if stored then
-      known = stored
-    elseif redis.call('EXISTS', req) == 1 or redis.call('EXISTS', KEYS[8 + (i - 1) * 2 + 2]) == 1 then
-      known = digest
-    end
+  -- A request answered long ago may keep only its result; its digest went with its record.
+  if not known and suspect[i] and redis.call('EXISTS', reqs[i], ress[i]) > 0 then
+    known = redis.call('HGET', reqs[i], 'digest') or digest
   end
   if known then
     if known ~= digest then
@@ -103,9 +110,9 @@ for i = 1, nreq do
   else
     seen[rid] = digest
     codes[i] = 1
-    if s.dedupe then
+    if dedupe == '1' then
       local dd = dedupe_prefix .. digest
-      s.dd = dd
+      dds[i] = dd
       if primary_of[dd] then
         codes[i] = 2
       else
@@ -128,12 +135,12 @@ for i = 1, nreq do
       end
     end
     if codes[i] == 1 then
-      if not s.direct then
+      if route == '' or route == 'auto' then
         add_n = add_n + 1
         add_bytes = add_bytes + #body
       end
-      if s.est > 0 then
-        local scopes = scopes_of(s.tagset)
+      if est > 0 then
+        local scopes = scopes_of(tagset)
         for _, scope in ipairs(scopes) do
           local limit = limits[scope]
           if limit then
@@ -141,13 +148,13 @@ for i = 1, nreq do
               spent[scope] = tonumber(redis.call('HGET', KEYS[5], scope) or '0')
             end
             local before = spent[scope] + (reserve[scope] or 0)
-            if before + s.est > limit then
+            if before + est > limit then
               return {-3, i, scope, string.format('%d', before), string.format('%d', limit)}
             end
           end
         end
         for _, scope in ipairs(scopes) do
-          reserve[scope] = (reserve[scope] or 0) + s.est
+          reserve[scope] = (reserve[scope] or 0) + est
         end
       end
     end
@@ -165,60 +172,72 @@ for id, canonical in pairs(tagsets) do
   redis.call('HSETNX', KEYS[4], id, canonical)
 end
 for i = 1, nreq do
-  local base = first + (i - 1) * 7
-  local rid, cid, body, digest, group = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4],
-    ARGV[base + 5]
-  local s = spend[i]
-  local req, res = KEYS[8 + (i - 1) * 2 + 1], KEYS[8 + (i - 1) * 2 + 2]
-  if codes[i] == 1 then
-    local state = 'queued'
-    if s.direct then
-      state = 'realtime'
+  local code = codes[i]
+  if code ~= 0 then
+    local body = ARGV[first + 2 * i]
+    local rid, cid, digest, group, tagset, est, pfx, pttl, _, route, due =
+      string.match(ARGV[first + 2 * i - 1], FIELDS)
+    local req, res = reqs[i], ress[i]
+    local dd = dds[i]
+    if code == 1 then
+      local direct = route ~= '' and route ~= 'auto'
+      local state = 'queued'
+      if direct then
+        state = 'realtime'
+      end
+      local fields = {'body', body, 'bytes', #body, 'digest', digest, 'state', state, 'attempts', 1, 'enq', now}
+      if group ~= '' then
+        fields[#fields + 1], fields[#fields + 2] = 'group', group
+      end
+      if pfx ~= '' then
+        fields[#fields + 1], fields[#fields + 2] = 'pfx', pfx
+        fields[#fields + 1], fields[#fields + 2] = 'pttl', pttl
+      end
+      if tagset ~= '' then
+        fields[#fields + 1], fields[#fields + 2] = 'tags', tagset
+      end
+      if est ~= '0' then
+        fields[#fields + 1], fields[#fields + 2] = 'est', est
+        fields[#fields + 1], fields[#fields + 2] = 'bday', today
+      end
+      if dd and primary_of[dd] == rid then
+        fields[#fields + 1], fields[#fields + 2] = 'dd', dd
+        -- No expiry while it is in flight: deliver.lua sets the window (or deletes it) once it is answered.
+        redis.call('DEL', dd)
+        redis.call('HSET', dd, 'rid', rid, 'req', req, 'res', res)
+      end
+      if route ~= '' then
+        fields[#fields + 1], fields[#fields + 2] = 'route', route
+        redis.call('ZADD', KEYS[8], due, rid)
+      end
+      redis.call('HSET', req, unpack(fields))
+      if not direct then
+        if group == '' and pfx == '' then
+          redis.call('XADD', KEYS[1], '*', 'rid', rid, 'cid', cid, 'bytes', #body)
+        else
+          local entry = {'rid', rid, 'cid', cid, 'bytes', #body}
+          if group ~= '' then
+            entry[#entry + 1], entry[#entry + 2] = 'group', group
+          end
+          if pfx ~= '' then
+            entry[#entry + 1], entry[#entry + 2] = 'pfx', pfx
+          end
+          redis.call('XADD', KEYS[1], '*', unpack(entry))
+        end
+      end
+    elseif code == 2 then
+      redis.call('HSET', req, 'digest', digest, 'state', 'following', 'enq', now, 'dd', dd)
+      if tagset ~= '' then
+        redis.call('HSET', req, 'tags', tagset)
+      end
+      redis.call('HSET', dd, 'f:' .. rid, req .. '\t' .. res .. '\t' .. tagset)
+    elseif code == 3 then
+      local reused = reuse[i]
+      redis.call('SET', res, reused[1], 'NX', 'EX', result_ttl)
+      redis.call('HSET', req, 'digest', digest, 'state', 'done', 'enq', now)
+      redis.call('EXPIRE', req, result_ttl)
+      ledger_reuse(KEYS[6], KEYS[7], today, score, tagset, reused[2], reused[3])
     end
-    local fields = {'body', body, 'bytes', #body, 'digest', digest, 'state', state, 'attempts', 1, 'enq', now}
-    local entry = {'rid', rid, 'cid', cid, 'bytes', #body}
-    if group ~= '' then
-      fields[#fields + 1], fields[#fields + 2] = 'group', group
-      entry[#entry + 1], entry[#entry + 2] = 'group', group
-    end
-    if s.pfx ~= '' then
-      fields[#fields + 1], fields[#fields + 2] = 'pfx', s.pfx
-      fields[#fields + 1], fields[#fields + 2] = 'pttl', s.pttl
-      entry[#entry + 1], entry[#entry + 2] = 'pfx', s.pfx
-    end
-    if s.tagset ~= '' then
-      fields[#fields + 1], fields[#fields + 2] = 'tags', s.tagset
-    end
-    if s.est > 0 then
-      fields[#fields + 1], fields[#fields + 2] = 'est', s.est
-      fields[#fields + 1], fields[#fields + 2] = 'bday', today
-    end
-    if primary_of[s.dd or ''] == rid then
-      fields[#fields + 1], fields[#fields + 2] = 'dd', s.dd
-      -- No expiry while it is in flight: deliver.lua sets the window (or deletes it) once it is answered.
-      redis.call('DEL', s.dd)
-      redis.call('HSET', s.dd, 'rid', rid, 'req', req, 'res', res)
-    end
-    if s.route then
-      fields[#fields + 1], fields[#fields + 2] = 'route', s.route
-      redis.call('ZADD', KEYS[8], s.due, rid)
-    end
-    redis.call('HSET', req, unpack(fields))
-    if not s.direct then
-      redis.call('XADD', KEYS[1], '*', unpack(entry))
-    end
-  elseif codes[i] == 2 then
-    redis.call('HSET', req, 'digest', digest, 'state', 'following', 'enq', now, 'dd', s.dd)
-    if s.tagset ~= '' then
-      redis.call('HSET', req, 'tags', s.tagset)
-    end
-    redis.call('HSET', s.dd, 'f:' .. rid, req .. '\t' .. res .. '\t' .. s.tagset)
-  elseif codes[i] == 3 then
-    local reused = reuse[i]
-    redis.call('SET', res, reused[1], 'NX', 'EX', result_ttl)
-    redis.call('HSET', req, 'digest', digest, 'state', 'done', 'enq', now)
-    redis.call('EXPIRE', req, result_ttl)
-    ledger_reuse(KEYS[6], KEYS[7], today, score, s.tagset, reused[2], reused[3])
   end
 end
 -- Every estimate queued is reserved against today's budgets (settled by deliver.lua).

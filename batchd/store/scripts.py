@@ -83,12 +83,9 @@ def _after_newest(entries: Sequence[IntakeEntry]) -> str:
     if not entries:
         return "0-0"
     # Both parts are decimals without leading zeros: by length, then as text, is by value (and cheaper).
-    ms, _, seq = max((e.entry_id.partition("-") for e in entries), key=_id_order)
+    parts = [e.entry_id.partition("-") for e in entries]
+    _, ms, _, seq = max([(len(ms), ms, len(seq), seq) for ms, _, seq in parts])
     return f"{ms}-{int(seq) + 1}"
-
-
-def _id_order(parts: tuple[str, str, str]) -> tuple[int, str, int, str]:
-    return len(parts[0]), parts[0], len(parts[2]), parts[2]
 
 
 def _day(ms: int) -> tuple[str, str]:

@@ -177,9 +177,9 @@ def _fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
     return {text(k): v for k, v in raw.items()}
 
 
-@dataclass(frozen=True, slots=True)
-class IntakeEntry:
-    """One entry of the intake stream: a request (one attempt of it) waiting to be flushed."""
+class IntakeEntry(NamedTuple):
+    """One entry of the intake stream: a request (one attempt of it) waiting to be flushed. (A NamedTuple:
+    built for every entry the accumulator reads, at less than two thirds of a frozen dataclass's cost.)"""
 
     entry_id: str
     rid: str

@@ -81,6 +81,16 @@ def text_of(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _after_newest(entries: Sequence[IntakeEntry]) -> str:
+    """The stream id just after the newest of the entries (the chunk's bound for XTRIM MINID)."""
+    if not entries:
+        return "0-0"
+    # Both parts are decimals without leading zeros: by length, then as text, is by value (and cheaper).
+    parts = [e.entry_id.partition("-") for e in entries]
+    _, ms, _, seq = max([(len(ms), ms, len(seq), seq) for ms, _, seq in parts])
+    return f"{ms}-{int(seq) + 1}"
+
+
 def _day(ms: int) -> tuple[str, str]:
     day = utc_day(ms)
     return day, day.replace("-", "")
@@ -324,10 +334,8 @@ class Scripts:
         (moved, params bytes)."""
         k = self._keys
         keys = [k.intake, k.queue_stats, k.flush(fid), k.flush_rids(fid), k.flushes]
-        keys += [k.request(e.rid) for e in entries]
-        args: list[Any] = [CONSUMER_GROUP, fid, now_ms, group]
-        for e in entries:
-            args += [e.entry_id, e.rid]
+        pairs = " ".join(f"{e.entry_id} {e.rid}" for e in entries)
+        args = [CONSUMER_GROUP, fid, now_ms, group, _after_newest(entries), k.request(""), pairs]
         moved, nbytes = await self._call("commit_flush", keys, args)
         return int(moved), int(nbytes)
 

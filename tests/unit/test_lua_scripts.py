@@ -357,6 +357,26 @@ async def test_commit_flush_moves_a_request_only_once(store: Store) -> None:
     assert await stats(store) == (0, 0)
 
 
+async def test_commit_flush_removes_the_chunk_from_the_stream_and_nothing_else(store: Store) -> None:
+    # The stream is trimmed below the chunk's newest entry unless an older entry is still pending: one
+    # another consumer read (a dead replica's, or one held for priming) and ones nobody has read stay.
+    body = params()
+    await enqueue(store, [(rid, body) for rid in "abcde"])
+    (a,) = await store.intake.read_new("c2", count=1, block_ms=None)
+    b, c, d = await store.intake.read_new("c1", count=3, block_ms=None)
+
+    assert await commit(store, "f1", [c, b]) == (2, 2 * len(body))
+    assert [e.rid for e in await stream(store.redis)] == ["a", "d", "e"]
+    assert await store.intake.group_pending() == 2
+
+    assert await commit(store, "f1", [a]) == (1, len(body))
+    assert [e.rid for e in await stream(store.redis)] == ["d", "e"]
+    assert await commit(store, "f1", [d]) == (1, len(body))
+    assert [e.rid for e in await stream(store.redis)] == ["e"]
+    assert await store.intake.group_pending() == 0
+    assert await store.flush_rids("f1") == ["c", "b", "a", "d"]
+
+
 async def test_commit_flush_refuses_a_flush_that_is_not_building(store: Store) -> None:
     await enqueue(store, [("a", params())])
     await commit(store, "f1", await read_entries(store))

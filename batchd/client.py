@@ -395,8 +395,6 @@ class AsyncClient:
             if acks and isinstance(reply, list):  # written: wait for the replicas
                 timeout = self.settings.redis_min_replicas_ack_timeout_seconds
                 await require_replicas(redis, self._store.keys, acks, timeout, [r.rid for r in chunk])
-            if isinstance(reply, list) and any(r.route is not Route.BATCH for r in chunk):
-                await self._store.wake_realtime()  # the senders sleep until woken or something is due
         if isinstance(reply, EnqueueRefused):
             return reply.queued_requests, reply.queued_bytes
         if isinstance(reply, EnqueueConflict):

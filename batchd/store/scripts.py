@@ -306,6 +306,7 @@ class Scripts:
             k.request(""),
             res_head,
             res_tail,
+            k.realtime_wake,
         ]
         args += ["" if budgets.daily is None else budgets.daily, len(budgets.tags)]
         for scope, limit in budgets.tags.items():

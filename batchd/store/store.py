@@ -530,11 +530,6 @@ class Store:
             pipe.publish(self.keys.realtime_wake, rid)
             await pipe.execute()
 
-    async def wake_realtime(self) -> None:
-        """Tell every real-time sender that requests were just listed in the deadlines zset. A wake lost (a
-        crash right after the listing) costs at most a sender's safety interval."""
-        await self.redis.publish(self.keys.realtime_wake, "")
-
     async def realtime_pending(self) -> int:
         """Requests listed to go through the real-time API (now or at their deadline)."""
         return int(await self.redis.zcard(self.keys.deadlines))

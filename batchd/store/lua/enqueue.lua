@@ -4,8 +4,8 @@
 -- ARGV[1] now (ms), ARGV[2] max queued requests, ARGV[3] max queued bytes, ARGV[4] today (UTC), ARGV[5]
 -- today as YYYYMMDD, ARGV[6] budget TTL (s), ARGV[7] result TTL (s), ARGV[8] dedupe key prefix (the
 -- digest is appended), ARGV[9] request key prefix (the rid is appended), ARGV[10] and ARGV[11] what comes
--- before and after the rid in its result key, ARGV[12] the global daily budget (pico-USD, "" for none),
--- ARGV[13] L, then L pairs (tag scope, its daily budget), then G, then G pairs (group id, its headers
+-- before and after the rid in its result key, ARGV[12] the real-time senders' wake channel, ARGV[13] the
+-- global daily budget (pico-USD, "" for none), ARGV[14] L, then L pairs (tag scope, its daily budget), then G, then G pairs (group id, its headers
 -- JSON), then T, then T pairs (tag set id, its canonical "k=v,..."), then per request (2 each): its small
 -- fields joined by tabs (rid, custom id of attempt 1, digest (params and headers), group id ("" for the
 -- default headers), tag set id, estimate (pico-USD), prompt-cache prefix id, its TTL (s), dedupe ("1":
@@ -13,7 +13,7 @@
 -- due in real time), then its params JSON. Joined, because redis-py packs and Redis converts every argument
 -- on its own: one string of small fields costs about what one of them did.
 -- A realtime or auto_now request never enters intake (state 'realtime'); an auto one does, and is also
--- listed in the deadlines zset.
+-- listed in the deadlines zset. A call that lists any wakes the senders (they sleep until woken or due).
 -- Returns {-1, queued_n, queued_bytes} if the caps would be passed, {-2, i} if request i (1-based) reuses
 -- a known request id with other params, {-3, i, scope, spent, limit} if request i's estimate would take a
 -- budget past its limit (nothing written in any of these); else one code per request: 1 queued, 0 that
@@ -24,12 +24,12 @@
 --#include _ledger
 local now, today, score = ARGV[1], ARGV[4], ARGV[5]
 local budget_ttl, result_ttl, dedupe_prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local req_prefix, res_head, res_tail = ARGV[9], ARGV[10], ARGV[11]
+local req_prefix, res_head, res_tail, wake = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 local limits = {}
-if ARGV[12] ~= '' then
-  limits['*'] = tonumber(ARGV[12])
+if ARGV[13] ~= '' then
+  limits['*'] = tonumber(ARGV[13])
 end
-local at = 13
+local at = 14
 for _ = 1, tonumber(ARGV[at]) do
   limits[ARGV[at + 1]] = tonumber(ARGV[at + 2])
   at = at + 2
@@ -89,6 +89,7 @@ end
 
 local codes, dds = {}, {}
 local add_n, add_bytes = 0, 0
+local listed = false  -- a request was listed in the deadlines zset
 local seen = {}
 local primary_of = {}  -- dedupe key -> rid of the request of this call that carries it
 local reuse = {}  -- i -> {line, model, standard cost}
@@ -209,6 +210,7 @@ for i = 1, nreq do
       if route ~= '' then
         fields[#fields + 1], fields[#fields + 2] = 'route', route
         redis.call('ZADD', KEYS[8], due, rid)
+        listed = true
       end
       redis.call('HSET', req, unpack(fields))
       if not direct then
@@ -252,5 +254,8 @@ end
 if add_n > 0 then
   redis.call('HINCRBY', KEYS[2], 'requests', add_n)
   redis.call('HINCRBY', KEYS[2], 'bytes', add_bytes)
+end
+if listed then
+  redis.call('PUBLISH', wake, '')
 end
 return codes

@@ -82,7 +82,7 @@ async def child_batchd(url: str, n: int) -> dict[str, float]:
         cids = [fields[b"cid"].decode() for _, fields in entries[1:]]  # [0] is the warm-up's
         assert len(cids) == n, len(cids)
         deliver = admin.register_script(_DELIVER.read_text())
-        key_head, key_tail = keys.result(_MARK).split(_MARK)
+        key_head, key_tail = keys.result_parts
         line_head, line_tail = _line(_MARK).decode().split(_MARK)
         started = time.perf_counter()
         for start in range(0, n, _CHUNK):

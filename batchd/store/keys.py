@@ -145,6 +145,13 @@ class Keys:
         return f"{self.prefix}:res:{{{rid}}}"
 
     @property
+    def result_parts(self) -> tuple[str, str]:
+        """What comes before and after the rid in a result key: scripts that build a chunk's result keys
+        from its rids take these once a call."""
+        head, _, tail = self.result("\0").partition("\0")
+        return head, tail
+
+    @property
     def replication_barrier(self) -> str:
         """Pub/sub channel of the barrier a submit sends before WAIT (redis_min_replicas_ack): it brings the
         connection's replication offset to the primary's current one (see connection.require_replicas)."""

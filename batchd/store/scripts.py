@@ -293,7 +293,7 @@ class Scripts:
                 f"{route}\t{req.due_ms}"
             )
             each.append(req.body)
-        res_head, _, res_tail = k.result("\0").partition("\0")
+        res_head, res_tail = k.result_parts
         args: list[Any] = [
             now_ms,
             max_requests,
@@ -370,7 +370,7 @@ class Scripts:
         day, score = _day(now_ms() if now is None else now)
         billed = k.billed(batch_id if batch_id is not None else "-")
         keys = [k.intake, k.queue_stats, k.ledger(day), k.ledger_days, k.tag_sets, billed]
-        res_head, _, res_tail = k.result("\t").partition("\t")  # the script adds each line's rid between
+        res_head, res_tail = k.result_parts  # the script adds each line's rid between
         args: list[Any] = [
             max_attempts,
             ttl_seconds,

@@ -15,8 +15,10 @@ if limit > 0 then
     local held = redis.call('PTTL', ARGV[5] .. rid)
     if not f[1] or f[1] == 'done' or f[1] == 'following' or not f[3] then
       redis.call('ZREM', KEYS[1], rid)
-    elseif held > 0 then
-      redis.call('ZADD', KEYS[1], now + held + 1, rid)
+    elseif held >= 0 then
+      -- PTTL is 0 in a lease's last millisecond: still held, so the sender's take would fail and the claim
+      -- would hold the request back a whole lease. -1 (no expiry) is not a lease batchd writes.
+      redis.call('ZADD', KEYS[1], now + math.max(held, 0) + 1, rid)
     else
       redis.call('ZADD', KEYS[1], now + push, rid)
       for _, v in ipairs({rid, f[1], f[2] or 'batch', f[3], f[4] or '', f[5] or '1'}) do

@@ -23,8 +23,10 @@ __all__ = ["Accumulator", "Entry"]
 
 log = logging.getLogger(__name__)
 
-# Lua's unpack() fails near 8000 arguments; commit_flush unpacks the entry ids of one chunk.
-FLUSH_CHUNK = 5000
+# Entries a commit_flush call moves. Lua's unpack() fails near 8000 arguments, but the bound that matters is
+# smaller: a chunk holds Redis ~3 us an entry, and the reader's next XREADGROUP waits behind it, so chunks of
+# 1,000 interleave with reads (the client parses one read while Redis commits one chunk).
+FLUSH_CHUNK = 1000
 _READ_COUNT = 1000
 # Longest XREADGROUP block: bounds how late a claim check (every _CLAIM_EVERY_S) or a stop is noticed; an
 # idle accumulator makes two commands per block (the read and the queue-cap check).
@@ -39,27 +41,26 @@ _HELD_PAUSE_S = 1.0
 # How often held prefixes are checked for warmth (each step checks at once when a new prefix appears).
 _PRIME_CHECK_S = 0.25
 _WARM, _PRIMING = "w", "p"
+# Flushes handed to the committer and not yet taken. Reading goes on while a flush is committed, but the
+# buffer never runs more than this many flushes ahead of the commits.
+_COMMIT_BACKLOG = 1
+
+# A buffered intake entry: (stream entry id, rid, the bytes it adds to the create body without the separating
+# comma). A plain tuple, not a class: a tuple of strings and ints leaves the collector's lists at its first
+# collection, while a class instance (a NamedTuple too) stays tracked. The buffer holds a flush's 10,000 and
+# more; as objects they were promoted to the oldest generation and drove ~4 full collections a 100,000-entry
+# drain, 0.1 s each (docs/performance.md, drain_*).
+Entry = tuple[str, str, int]
+_Flush = tuple[list[Entry], Trigger, str]  # entries, trigger, group
 
 
-@dataclass(slots=True)
-class Entry:
-    """A buffered intake entry and the bytes it adds to the create body (without the separating comma)."""
+def _entry(intake: IntakeEntry) -> Entry:
+    return (intake.entry_id, intake.rid, item_size(len(intake.custom_id), intake.params_bytes))
 
-    intake: IntakeEntry
-    size: int
-    first_attempt: bool
 
-    @property
-    def ms(self) -> int:
-        return self.intake.ms
-
-    @classmethod
-    def of(cls, intake: IntakeEntry) -> Entry:
-        cid = intake.custom_id
-        # custom_id_for writes the attempt without leading zeros: "<rid>-1" is a first attempt (a check
-        # cheaper than parsing the custom id, made for every entry read).
-        first = len(cid) > 2 and cid.endswith("-1")
-        return cls(intake, item_size(len(cid), intake.params_bytes), first)
+def _ms(entry: Entry) -> int:
+    """When the entry was queued: a stream id starts with its creation time in milliseconds."""
+    return int(entry[0].partition("-")[0])
 
 
 @dataclass
@@ -92,7 +93,7 @@ class _Buffer:
         entries.append(entry)
         if key not in self.held:
             self.active_n += 1
-            self.active_size += entry.size
+            self.active_size += entry[2]
 
     def hold(self, key: str, since: float) -> None:
         if key in self.held or key not in self.groups:
@@ -100,14 +101,14 @@ class _Buffer:
         self.held[key] = since
         entries = self.groups[key]
         self.active_n -= len(entries)
-        self.active_size -= sum(e.size for e in entries)
+        self.active_size -= sum(e[2] for e in entries)
 
     def unhold(self, key: str) -> None:
         if self.held.pop(key, None) is None:
             return
         entries = self.groups.get(key, ())
         self.active_n += len(entries)
-        self.active_size += sum(e.size for e in entries)
+        self.active_size += sum(e[2] for e in entries)
 
     def pop_oldest(self, key: str) -> Entry:
         """Take the oldest entry of one run (a primer); the run must not be held."""
@@ -115,7 +116,7 @@ class _Buffer:
         entry = entries.popleft()
         if key not in self.held:
             self.active_n -= 1
-            self.active_size -= entry.size
+            self.active_size -= entry[2]
         if not entries:
             self._drop(key)
         return entry
@@ -127,11 +128,11 @@ class _Buffer:
 
     def _order(self) -> list[str]:
         """The runs not held, by their oldest entry."""
-        return sorted((k for k in self.groups if k not in self.held), key=lambda k: self.groups[k][0].ms)
+        return sorted((k for k in self.groups if k not in self.held), key=lambda k: _ms(self.groups[k][0]))
 
     def oldest_ms(self) -> int | None:
         """When the oldest entry not held was queued."""
-        heads = [entries[0].ms for k, entries in self.groups.items() if k not in self.held]
+        heads = [_ms(entries[0]) for k, entries in self.groups.items() if k not in self.held]
         return min(heads) if heads else None
 
     def take(self, count: int) -> list[Entry]:
@@ -145,7 +146,7 @@ class _Buffer:
             if len(taken) >= count:
                 break
         self.active_n -= len(taken)
-        self.active_size -= sum(e.size for e in taken)
+        self.active_size -= sum(e[2] for e in taken)
         return taken
 
     def due(self, max_requests: int, max_bytes: int, max_age_ms: int) -> tuple[int, Trigger] | None:
@@ -157,7 +158,7 @@ class _Buffer:
             size, i = EMPTY_BODY_SIZE, 0
             for key in self._order():
                 for entry in self.groups[key]:
-                    added = entry.size + (1 if i else 0)
+                    added = entry[2] + (1 if i else 0)
                     if size + added > max_bytes:
                         return (max(i, 1), Trigger.BYTES)
                     size += added
@@ -210,6 +211,9 @@ class Accumulator:
         self._buffers: dict[str, _Buffer] = {}
         self._held: set[str] = set()  # entry ids buffered: a re-read or claimed entry is not added twice
         self._last_claim = 0.0
+        # While run() runs: where due flushes go, to be committed by its committer task. Otherwise (step()
+        # called on its own) a due flush is committed before step() returns.
+        self._handoff: asyncio.Queue[_Flush | None] | None = None
 
     # --- the loop ------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -219,11 +223,33 @@ class Accumulator:
         self._held.clear()
         await self.store.intake.ensure_group()
         await self._read_own_pending()
-        while not stop.is_set():
-            await self.step()
+        # Two tasks: this one reads and decides, the committer moves due flushes into Redis. A commit is
+        # Redis's work and a read is mostly the client's (parsing), so side by side they overlap; one task
+        # doing both would leave one side idle at a time. A crash anywhere loses nothing: entries stay
+        # pending in the stream until their chunk is committed.
+        handoff: asyncio.Queue[_Flush | None] = asyncio.Queue(maxsize=_COMMIT_BACKLOG)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._commit_handed(handoff))
+                self._handoff = handoff
+                try:
+                    while not stop.is_set():
+                        await self.step()
+                finally:
+                    self._handoff = None
+                await handoff.put(None)  # the committer ends once what it was handed is committed
+        except BaseExceptionGroup as failed:
+            # One task failed and the other was cancelled: raise the failure itself (the supervisor tells a
+            # lost Redis by the exception's type).
+            raise failed.exceptions[0] from None
+
+    async def _commit_handed(self, handoff: asyncio.Queue[_Flush | None]) -> None:
+        while (flush := await handoff.get()) is not None:
+            await self.flush(*flush)
 
     async def step(self) -> None:
-        """One round: flush what is due, read for at most the time left to the next deadline, flush again."""
+        """One round: flush what is due, read for at most the time left to the next deadline, flush again.
+        (Under run(), "flush" is handing the flush to the committer task.)"""
         self.beat()
         if self.held is not None and await self.held():
             # Flushes already wait for room in the API's queue: more would only pile up in Redis. Reading
@@ -298,9 +324,12 @@ class Accumulator:
         for intake in entries:
             if intake.entry_id in held:
                 continue
-            entry = Entry.of(intake)
+            entry = _entry(intake)
             held.add(intake.entry_id)
-            first_attempts += entry.first_attempt
+            # custom_id_for writes the attempt without leading zeros: "<rid>-1" is a first attempt (a check
+            # cheaper than parsing the custom id, made for every entry read).
+            cid = intake.custom_id
+            first_attempts += len(cid) > 2 and cid.endswith("-1")
             buffer = buffers.get(intake.group)
             if buffer is None:
                 buffer = buffers[intake.group] = _Buffer()
@@ -324,7 +353,13 @@ class Accumulator:
             entries = buffer.take(count)
             if not buffer.groups:
                 del self._buffers[group]
+            await self._commit(entries, trigger, group)
+
+    async def _commit(self, entries: list[Entry], trigger: Trigger, group: str) -> None:
+        if self._handoff is None:
             await self.flush(entries, trigger, group)
+        else:
+            await self._handoff.put((entries, trigger, group))  # waits while the backlog is full
 
     # --- priming -------------------------------------------------------------------------------------------
     async def _prime(self) -> None:
@@ -372,7 +407,7 @@ class Accumulator:
                 del self._buffers[group]
             if primers:
                 log_event(log, "cache.priming", prefixes=len(primers))
-                await self.flush(primers, Trigger.PRIME, group)
+                await self._commit(primers, Trigger.PRIME, group)
 
     async def flush(self, entries: list[Entry], trigger: Trigger, group: str = "") -> str | None:
         """Move entries (all of ``group``) into a new flush record, chunk by chunk, then seal it. Returns the
@@ -380,12 +415,14 @@ class Accumulator:
         fid = f"{now_ms()}-{uuid.uuid4().hex[:12]}"
         moved = moved_bytes = 0
         for start in range(0, len(entries), FLUSH_CHUNK):
-            chunk = [e.intake for e in entries[start : start + FLUSH_CHUNK]]
-            n, nbytes = await self.store.scripts.commit_flush(fid, chunk, now_ms=now_ms(), group=group)
+            chunk = entries[start : start + FLUSH_CHUNK]
+            n, nbytes = await self.store.scripts.commit_flush(
+                fid, [e[0] for e in chunk], [e[1] for e in chunk], now_ms=now_ms(), group=group
+            )
             moved += n
             moved_bytes += nbytes
         for e in entries:
-            self._held.discard(e.intake.entry_id)
+            self._held.discard(e[0])
         if not await self.store.scripts.seal_flush(fid, trigger, now_ms=now_ms()):
             return None
         log_event(log, "flush.sealed", flush=fid, requests=moved, params_bytes=moved_bytes, trigger=trigger)

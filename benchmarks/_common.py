@@ -384,6 +384,8 @@ async def prepare_flush(store: Any, n: int, *, text_bytes: int = 120, fid: str =
         ]
         await store.scripts.enqueue(chunk, now_ms=now_ms(), max_requests=10**9, max_bytes=10**13)
         entries = await store.intake.read_new("bench-setup", count=len(chunk), block_ms=None)
-        await store.scripts.commit_flush(fid, entries, now_ms=now_ms())
+        await store.scripts.commit_flush(
+            fid, [e.entry_id for e in entries], [e.rid for e in entries], now_ms=now_ms()
+        )
     await store.scripts.seal_flush(fid, Trigger.COUNT, now_ms=now_ms())
     return rids

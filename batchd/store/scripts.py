@@ -22,7 +22,7 @@ from redis.commands.core import AsyncScript
 
 from ..tags import TagSet
 from .keys import CONSUMER_GROUP, Keys, custom_id_for
-from .records import BatchHeaders, Charge, IntakeEntry, RequestState, Route, Trigger, now_ms, utc_day
+from .records import BatchHeaders, Charge, RequestState, Route, Trigger, now_ms, utc_day
 
 __all__ = [
     "BUDGET_TTL_S",
@@ -81,12 +81,12 @@ def text_of(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _after_newest(entries: Sequence[IntakeEntry]) -> str:
-    """The stream id just after the newest of the entries (the chunk's bound for XTRIM MINID)."""
-    if not entries:
+def _after_newest(ids: Sequence[str]) -> str:
+    """The stream id just after the newest of the ids (the chunk's bound for XTRIM MINID)."""
+    if not ids:
         return "0-0"
     # Both parts are decimals without leading zeros: by length, then as text, is by value (and cheaper).
-    parts = [e.entry_id.partition("-") for e in entries]
+    parts = [i.partition("-") for i in ids]
     _, ms, _, seq = max([(len(ms), ms, len(seq), seq) for ms, _, seq in parts])
     return f"{ms}-{int(seq) + 1}"
 
@@ -329,14 +329,15 @@ class Scripts:
         return [_ENQUEUE_OUTCOMES[int(x)] for x in reply]
 
     async def commit_flush(
-        self, fid: str, entries: Sequence[IntakeEntry], *, now_ms: int, group: str = ""
+        self, fid: str, ids: Sequence[str], rids: Sequence[str], *, now_ms: int, group: str = ""
     ) -> tuple[int, int]:
-        """Move one chunk (<= 5000) of intake entries, all of one ``group``, into flush ``fid``; returns
-        (moved, params bytes)."""
+        """Move one chunk (<= 5000) of intake entries, given as their stream ids and rids (``rids[i]`` is
+        the request of entry ``ids[i]``), all of one ``group``, into flush ``fid``; returns (moved, params
+        bytes)."""
         k = self._keys
         keys = [k.intake, k.queue_stats, k.flush(fid), k.flush_rids(fid), k.flushes]
-        pairs = " ".join(f"{e.entry_id} {e.rid}" for e in entries)
-        args = [CONSUMER_GROUP, fid, now_ms, group, _after_newest(entries), k.request(""), pairs]
+        pairs = " ".join([f"{i} {r}" for i, r in zip(ids, rids, strict=True)])
+        args = [CONSUMER_GROUP, fid, now_ms, group, _after_newest(ids), k.request(""), pairs]
         moved, nbytes = await self._call("commit_flush", keys, args)
         return int(moved), int(nbytes)
 

@@ -115,7 +115,10 @@ class DaemonDouble:
         self._flushes += 1
         fid = f"f{self._flushes}"
         for start in range(0, len(entries), 5000):
-            await self.store.scripts.commit_flush(fid, entries[start : start + 5000], now_ms=now_ms())
+            chunk = entries[start : start + 5000]
+            await self.store.scripts.commit_flush(
+                fid, [e.entry_id for e in chunk], [e.rid for e in chunk], now_ms=now_ms()
+            )
         await self.store.scripts.seal_flush(fid, Trigger.COUNT, now_ms=now_ms())
         return fid, [e.rid for e in entries]
 

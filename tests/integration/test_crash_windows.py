@@ -33,7 +33,7 @@ from batchd.batches.lost import LOST_AFTER_S
 from batchd.emulator.testing import async_wait_for_batch
 from batchd.leases import LEASE_S
 from batchd.settings import Settings, load_settings
-from batchd.store import FlushState, IntakeEntry, Keys, RequestState, Store, Trigger, now_ms
+from batchd.store import FlushState, Keys, RequestState, Store, Trigger, now_ms
 from tests.chaos.harness import DaemonProcess, Publications, daemon_env
 from tests.daemon_harness import running_daemon
 from tests.eventually import eventually
@@ -273,13 +273,13 @@ async def test_submit_to_flush_a_redis_error_inside_a_flush_strands_no_request(
     failures = 0
 
     async def commit_flush_losing_redis_once(
-        fid: str, entries: Sequence[IntakeEntry], *, now_ms: int, group: str = ""
+        fid: str, ids: Sequence[str], rids: Sequence[str], *, now_ms: int, group: str = ""
     ) -> tuple[int, int]:
         nonlocal failures
         if failures == 0:
             failures += 1
             raise RedisConnectionError("Connection lost (injected before the script ran)")
-        return await real_commit(fid, entries, now_ms=now_ms, group=group)
+        return await real_commit(fid, ids, rids, now_ms=now_ms, group=group)
 
     log = FlushLog()
     store.scripts.commit_flush = commit_flush_losing_redis_once  # type: ignore[method-assign]
@@ -329,7 +329,9 @@ async def test_inside_a_chunked_flush_the_unsealed_flush_is_sealed_by_reconcile_
     # The accumulator commits the first chunk of its flush, then dies: no second chunk, no seal.
     fid = f"{now_ms()}-deadbeef0001"
     first, rest = entries[:4], entries[4:]
-    await store.scripts.commit_flush(fid, first, now_ms=now_ms())
+    await store.scripts.commit_flush(
+        fid, [e.entry_id for e in first], [e.rid for e in first], now_ms=now_ms()
+    )
     assert await flush_state(store, fid) is FlushState.BUILDING
 
     jobs = Jobs()

@@ -62,7 +62,7 @@ async def _flush_and_deliver(r: aioredis.Redis, rid: str, text: str) -> str:
     store = Store(r, K)
     await store.intake.ensure_group()
     entries = await store.intake.read_new("double", count=100, block_ms=None)
-    await store.scripts.commit_flush("f1", entries, now_ms=0)
+    await store.scripts.commit_flush("f1", [e.entry_id for e in entries], [e.rid for e in entries], now_ms=0)
     [item] = [i for i in await store.flush_items("f1") if i.rid == rid]
     message = {
         "id": "msg_1",

@@ -51,7 +51,7 @@ def flush_record(monkeypatch: pytest.MonkeyPatch) -> Iterator[FlushRecord]:
         async def flush(self, entries: list[Entry], trigger: Trigger, group: str = "") -> str | None:
             fid = await super().flush(entries, trigger, group)
             if fid is not None:
-                record.flushes.append((self.consumer, fid, [e.intake.rid for e in entries]))
+                record.flushes.append((self.consumer, fid, [rid for _, rid, _ in entries]))
             return fid
 
     monkeypatch.setattr(daemon_module, "Accumulator", RecordingAccumulator)

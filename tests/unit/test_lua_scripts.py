@@ -103,7 +103,9 @@ async def stream(r: aioredis.Redis) -> list[IntakeEntry]:
 
 
 async def commit(store: Store, fid: str, entries: list[IntakeEntry], now: int = NOW) -> tuple[int, int]:
-    return await store.scripts.commit_flush(fid, entries, now_ms=now)
+    return await store.scripts.commit_flush(
+        fid, [e.entry_id for e in entries], [e.rid for e in entries], now_ms=now
+    )
 
 
 async def seal(store: Store, fid: str, trigger: Trigger = Trigger.COUNT, now: int = NOW + 5) -> int | None:

@@ -457,7 +457,9 @@ async def _reset_known(store: Store) -> None:
         max_bytes=10**12,
     )
     entries = await store.intake.read_new("c1", count=len(KNOWN), block_ms=None)
-    await store.scripts.commit_flush(FID, entries, now_ms=1_700_000_000_000)
+    await store.scripts.commit_flush(
+        FID, [e.entry_id for e in entries], [e.rid for e in entries], now_ms=1_700_000_000_000
+    )
 
 
 def test_deliver_lines_never_raises_counts_malformed_and_delivers_the_rest(loop: Loop) -> None:

@@ -101,7 +101,7 @@ async def enqueue(
 
 async def flush(store: Store, fid: str = "f1") -> list[IntakeEntry]:
     entries = await store.intake.read_new("c1", count=10_000, block_ms=None)
-    await store.scripts.commit_flush(fid, entries, now_ms=NOW)
+    await store.scripts.commit_flush(fid, [e.entry_id for e in entries], [e.rid for e in entries], now_ms=NOW)
     await store.scripts.seal_flush(fid, Trigger.COUNT, now_ms=NOW)
     return entries
 

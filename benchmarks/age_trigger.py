@@ -52,7 +52,9 @@ async def measure_accumulator(env: Env, rounds: int, age: float) -> tuple[list[f
         original = acc.flush
 
         async def flush(entries: list[Entry], trigger: Trigger, group: str = "") -> str | None:
-            current["deadline"] = min(e.ms for e in entries) / 1000 + age
+            current["deadline"] = (
+                min(int(e[0].partition("-")[0]) for e in entries) / 1000 + age
+            )  # stream-id ms
             decided.append(time.time() - current["deadline"])
             return await original(entries, trigger, group)
 

@@ -14,7 +14,7 @@ from batchd.store import Store
 from tests.daemon_harness import running_daemon
 from tests.eventually import eventually
 from tests.integration.test_cli import batchd_cli, clean_env
-from tests.integration.test_service import daemon_process
+from tests.integration.test_service import daemon_process, until
 from tests.redis_server import RedisServer, free_port
 
 
@@ -50,6 +50,9 @@ async def test_readyz_fails_when_redis_starts_evicting(
     redis_server: RedisServer, redis_url: str, emulator: Any, tmp_path: Path
 ) -> None:
     async with daemon_process(tmp_path, redis_url, emulator.base_url) as daemon:
+        # /healthz answers before the start-up checks have run: a policy changed before they pass stops the
+        # start (the test above), not readiness. Change it once the replica is ready.
+        await until(lambda: bool(daemon.events("daemon.ready")), "the replica is ready")
         redis_server.config_set("maxmemory-policy", "volatile-lru")
         status, body = await daemon.get("/readyz")
     assert status == 503
